@@ -1,0 +1,306 @@
+"""DomainBed data protocol (spec section 8): dataset layout, env/class order, in/out splits,
+augmentations and loaders.
+
+One deliberate difference from DomainBed's loaders: the minibatch of every step is a pure function of
+(run seed, env, step) -- which samples are drawn (uniformly, with replacement, as DomainBed's
+``RandomSampler(replacement=True)``) and the random augmentation of each. The same run therefore gives
+the same batches whatever the worker count, and a run resumed after a crash sees exactly the batches
+it would have seen.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageFile, UnidentifiedImageError
+from torchvision import transforms
+
+from scmd.errors import DataError, UsageError
+from scmd.hparams import seed_hash
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    folder: str  # directory under --data-dir
+    domainbed_name: str  # DomainBed's dataset class name (written to results.jsonl)
+    envs: Sequence[str]  # expected env folders, sorted
+    steps: int  # default number of training steps
+    checkpoint_freq: int  # default evaluation frequency
+
+
+DATASETS = {
+    "vlcs": DatasetInfo("VLCS", "VLCS", ("Caltech101", "LabelMe", "SUN09", "VOC2007"), 5001, 300),
+    "pacs": DatasetInfo("PACS", "PACS", ("art_painting", "cartoon", "photo", "sketch"), 5001, 300),
+    "officehome": DatasetInfo("office_home", "OfficeHome", ("Art", "Clipart", "Product", "Real World"), 5001, 300),
+    "terraincognita": DatasetInfo(
+        "terra_incognita", "TerraIncognita", ("location_100", "location_38", "location_43", "location_46"), 5001, 300
+    ),
+    "domainnet": DatasetInfo(
+        "domain_net", "DomainNet", ("clipart", "infograph", "painting", "quickdraw", "real", "sketch"), 5001, 1000
+    ),
+}
+DATASET_ALIASES = {"office_home": "officehome", "terra_incognita": "terraincognita", "domain_net": "domainnet"}
+
+
+def canonical_dataset(name: str, known: Sequence[str]) -> str:
+    key = name.lower().replace("-", "")
+    key = DATASET_ALIASES.get(key, key)
+    if key not in known:
+        raise UsageError(f"unknown dataset {name!r}; choose one of: {', '.join(known)}")
+    return key
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Indexing: env order, class order, ImageFolder file order (spec 8.1)
+
+
+@dataclass
+class DomainIndex:
+    root: Path
+    envs: List[str]
+    classes: List[str]
+    paths: List[List[str]]  # per env, ImageFolder order
+    labels: List[np.ndarray]  # per env, int64
+    offsets: List[int] = field(default_factory=list)  # global sample id of each env's first image
+
+    def __post_init__(self) -> None:
+        self.offsets = [0]
+        for p in self.paths[:-1]:
+            self.offsets.append(self.offsets[-1] + len(p))
+
+    @property
+    def n_samples(self) -> int:
+        return sum(len(p) for p in self.paths)
+
+    def global_path(self, sample_id: int) -> str:
+        env = int(np.searchsorted(self.offsets, sample_id, side="right")) - 1
+        return self.paths[env][sample_id - self.offsets[env]]
+
+
+def _imagefolder_files(class_dir: str) -> List[str]:
+    """Files of one class folder in torchvision ImageFolder's order (os.walk, sorted, extension filter)."""
+    out = []
+    for dirpath, _dirs, files in sorted(os.walk(class_dir, followlinks=True)):
+        for name in sorted(files):
+            if name.lower().endswith(IMG_EXTENSIONS):
+                out.append(os.path.join(dirpath, name))
+    return out
+
+
+def _index_python(root: Path) -> DomainIndex:
+    envs = sorted(e.name for e in os.scandir(root) if e.is_dir())
+    if not envs:
+        raise DataError(f"dataset folder {root} has no domain sub-folders")
+    classes: Optional[List[str]] = None
+    paths, labels = [], []
+    for env in envs:
+        env_dir = root / env
+        env_classes = sorted(e.name for e in os.scandir(env_dir) if e.is_dir())
+        if classes is None:
+            classes = env_classes
+        elif env_classes != classes:
+            missing, extra = sorted(set(classes) - set(env_classes)), sorted(set(env_classes) - set(classes))
+            raise DataError(
+                f"domain {env_dir} has a different class set than {root / envs[0]}: "
+                f"missing {missing[:5]}, extra {extra[:5]}; every domain needs the same class folders"
+            )
+        env_paths: List[str] = []
+        env_labels: List[int] = []
+        for label, c in enumerate(env_classes):
+            files = _imagefolder_files(str(env_dir / c))
+            if not files:
+                raise DataError(f"class folder {env_dir / c} holds no image files ({', '.join(IMG_EXTENSIONS)})")
+            env_paths += files
+            env_labels += [label] * len(files)
+        if not env_paths:
+            raise DataError(f"domain folder {env_dir} holds no class folders with images")
+        paths.append(env_paths)
+        labels.append(np.asarray(env_labels, dtype=np.int64))
+    return DomainIndex(root, envs, list(classes or []), paths, labels)
+
+
+def index_dataset(root: Path, use_fastsel: bool) -> DomainIndex:
+    """Envs (sorted folders), classes (of the first env) and each env's files in ImageFolder order."""
+    if not root.exists():
+        raise DataError(f"dataset folder {root} does not exist")
+    if not root.is_dir():
+        raise DataError(f"dataset path {root} is not a folder")
+    if use_fastsel:
+        import fastsel
+
+        try:
+            r = fastsel.index_domainbed(str(root))
+        except (OSError, ValueError) as e:
+            raise DataError(str(e)) from None
+        return DomainIndex(root, list(r["envs"]), list(r["classes"]), [list(p) for p in r["paths"]],
+                           [np.asarray(lab, dtype=np.int64) for lab in r["labels"]])
+    try:
+        return _index_python(root)
+    except OSError as e:
+        raise DataError(f"cannot read dataset folder: {e}") from None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# In/out splits (spec 8.3)
+
+
+def in_out_split(n: int, holdout_fraction: float, trial_seed: int, env_i: int) -> tuple:
+    """DomainBed's split_dataset: shuffle range(n) with RandomState(seed_hash(trial_seed, env));
+    the first int(n * holdout_fraction) keys are 'out' (validation), the rest 'in'."""
+    keys = np.arange(n)
+    np.random.RandomState(seed_hash(trial_seed, env_i)).shuffle(keys)
+    n_out = int(n * holdout_fraction)
+    return keys[:n_out], keys[n_out:]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Transforms (spec 8.2)
+
+
+def train_transform(size: int) -> transforms.Compose:
+    return transforms.Compose([
+        transforms.RandomResizedCrop(size, scale=(0.7, 1.0)),
+        transforms.RandomHorizontalFlip(),
+        transforms.ColorJitter(0.3, 0.3, 0.3, 0.3),
+        transforms.RandomGrayscale(),
+        transforms.ToTensor(),
+        transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+    ])
+
+
+def eval_transform(size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> transforms.Compose:
+    return transforms.Compose([
+        transforms.Resize((size, size)),
+        transforms.ToTensor(),
+        transforms.Normalize(mean, std),
+    ])
+
+
+def load_rgb(path: str) -> Image.Image:
+    """Open an image as RGB, or fail naming the file."""
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        hint = ""
+        if "truncated" in str(e):
+            hint = " (rerun with --allow-truncated-images to load it padded, as DomainBed does)"
+        raise DataError(f"cannot read image {path}: {e}{hint}") from None
+
+
+class ImageStore:
+    """Paths -> PIL images; optionally decoded once and kept in memory (small datasets)."""
+
+    def __init__(self, index: DomainIndex, preload: bool, allow_truncated: bool):
+        self.index = index
+        self.allow_truncated = allow_truncated
+        ImageFile.LOAD_TRUNCATED_IMAGES = allow_truncated
+        self.cache = None
+        if preload:
+            self.cache = [[load_rgb(p) for p in env_paths] for env_paths in index.paths]
+
+    def get(self, env: int, i: int) -> Image.Image:
+        if self.cache is not None:
+            return self.cache[env][i]
+        ImageFile.LOAD_TRUNCATED_IMAGES = self.allow_truncated  # also inside worker processes
+        return load_rgb(self.index.paths[env][i])
+
+
+def _augment(tf, img: Image.Image, seed: int) -> torch.Tensor:
+    """Apply a (random) transform with its own RNG seed, leaving the global RNG untouched."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return tf(img)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Loaders (spec 8.4)
+
+
+class StepBatches(torch.utils.data.Dataset):
+    """Item `step` is that step's minibatch of one training env: `batch_size` samples drawn uniformly with
+    replacement from the env's in-split, each augmented with its own seed. Returns (x, y, sample_ids)."""
+
+    def __init__(self, store: ImageStore, env: int, in_idx: np.ndarray, batch_size: int, seed: int, size: int):
+        self.store, self.env, self.in_idx, self.batch_size, self.seed = store, env, in_idx, batch_size, seed
+        self.tf = train_transform(size)
+
+    def __len__(self) -> int:  # only a sampler bound; the loader asks for steps, not positions
+        return 2**62
+
+    def __getitem__(self, step: int):
+        rng = np.random.default_rng((self.seed, self.env, step))
+        rows = self.in_idx[rng.integers(0, len(self.in_idx), self.batch_size)]
+        aug_seeds = rng.integers(0, 2**62, self.batch_size)
+        x = torch.stack([_augment(self.tf, self.store.get(self.env, int(i)), int(s)) for i, s in zip(rows, aug_seeds)])
+        y = torch.from_numpy(self.store.index.labels[self.env][rows])
+        ids = torch.from_numpy(rows + self.store.index.offsets[self.env])
+        return x, y, ids
+
+
+class _Steps(torch.utils.data.Sampler):
+    def __init__(self, start: int):
+        self.start = start
+
+    def __iter__(self):
+        step = self.start
+        while True:
+            yield step
+            step += 1
+
+
+def train_loader(dataset: StepBatches, start_step: int, workers: int) -> torch.utils.data.DataLoader:
+    """An infinite loader of one env's minibatches, beginning at `start_step`."""
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=None, sampler=_Steps(start_step), num_workers=workers,
+        persistent_workers=workers > 0, prefetch_factor=2 if workers > 0 else None,
+    )
+
+
+class EvalSplit(torch.utils.data.Dataset):
+    """One split (in or out) of one env, for evaluation. Keys are (eval_step, position): training envs are
+    evaluated on augmented images, as in DomainBed, with a seed fixed by (run seed, eval step, env, position)."""
+
+    def __init__(self, store: ImageStore, env: int, idx: np.ndarray, tf, augmented: bool, seed: int, name: str):
+        self.store, self.env, self.idx, self.tf = store, env, idx, tf
+        self.augmented, self.seed, self.name = augmented, seed, name
+
+    def __len__(self) -> int:
+        return len(self.idx)
+
+    def __getitem__(self, key):
+        eval_step, pos = key
+        i = int(self.idx[pos])
+        img = self.store.get(self.env, i)
+        if self.augmented:
+            x = _augment(self.tf, img, seed_hash(self.seed, "eval", eval_step, self.name, pos))
+        else:
+            x = self.tf(img)
+        return x, int(self.store.index.labels[self.env][i])
+
+
+class _EvalKeys(torch.utils.data.Sampler):
+    def __init__(self, n: int, batch: int):
+        self.n, self.batch, self.eval_step = n, batch, 0
+
+    def __len__(self) -> int:
+        return (self.n + self.batch - 1) // self.batch
+
+    def __iter__(self):
+        for s in range(0, self.n, self.batch):
+            yield [(self.eval_step, p) for p in range(s, min(s + self.batch, self.n))]
+
+
+def eval_loader(split: EvalSplit, batch: int, workers: int) -> torch.utils.data.DataLoader:
+    return torch.utils.data.DataLoader(split, batch_sampler=_EvalKeys(len(split), batch), num_workers=workers)

@@ -1,0 +1,196 @@
+"""Run outputs that survive a crash: results.jsonl (one whole record per write), checkpoints (temp file,
+fsync, rename; loadable with ``torch.load(weights_only=True)``), the ``done`` marker, the final table."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import tempfile
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+
+from scmd.errors import DataError, UsageError
+
+RESULTS = "results.jsonl"
+DONE = "done"
+CKPT_LAST = "checkpoint_last.pt"
+CKPT_BEST = "checkpoint_best.pt"
+
+
+def prepare_output_dir(path: Path) -> None:
+    """Create the output folder and prove it is writable, before any work is done."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".write_probe"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise UsageError(f"output folder {path} is not writable ({e.strerror}); pass --output-dir DIR") from None
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_torch_save(obj, path: Path) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def append_record(path: Path, record: dict) -> None:
+    """Append one JSON line in a single write, then fsync: a crash leaves at most a torn last line."""
+    line = (json.dumps(record, sort_keys=True) + "\n").encode("utf-8")
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, line)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_records(path: Path) -> List[dict]:
+    """Whole records of results.jsonl; a torn (unparseable) last line is dropped."""
+    if not path.exists():
+        return []
+    lines = path.read_bytes().split(b"\n")
+    out = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i >= len(lines) - 2:  # the last line (possibly followed by nothing): torn by a crash
+                break
+            raise DataError(f"{path} line {i + 1} is not valid JSON; the results file is damaged") from None
+    return out
+
+
+def rewrite_records(path: Path, records: List[dict]) -> None:
+    data = "".join(json.dumps(r, sort_keys=True) + "\n" for r in records).encode("utf-8")
+    atomic_write_bytes(path, data)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# RNG state as plain tensors/ints (weights_only-loadable)
+
+
+def rng_state() -> Dict:
+    np_state = np.random.get_state()
+    st = {
+        "python": random.getstate(),
+        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def set_rng_state(st: Dict) -> None:
+    random.setstate(st["python"])
+    n = st["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    torch.set_rng_state(st["torch"])
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
+
+
+def load_checkpoint(path: Path) -> Optional[dict]:
+    if not path.exists():
+        return None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unreadable checkpoint is reported the same way
+        raise DataError(f"checkpoint {path} cannot be read ({type(e).__name__}: {str(e).splitlines()[0]}); "
+                        f"delete it to start the run afresh") from None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Reporting
+
+
+def training_domain_selection(records: List[dict], test_env: int, n_envs: int) -> dict:
+    """DomainBed's IIDAccuracySelectionMethod within one run: the record with the highest mean
+    out-split accuracy over the training envs (first maximum in file order)."""
+    train_envs = [i for i in range(n_envs) if i != test_env]
+    best, best_val = None, -1.0
+    for r in records:
+        val = float(np.mean([r[f"env{i}_out_acc"] for i in train_envs]))
+        if val > best_val:
+            best, best_val = r, val
+    return {"record": best, "val_acc": best_val}
+
+
+def format_table(envs: List[str], test_env: int, selected: dict, teacher_acc: Optional[List[float]]) -> str:
+    rec = selected["record"]
+    rows = [f"{'domain':<16} {'role':<6} {'in_acc':>7} {'out_acc':>8} {'teacher0shot':>13}"]
+    for i, e in enumerate(envs):
+        role = "TEST" if i == test_env else "train"
+        t = f"{100 * teacher_acc[i]:>12.1f}%" if teacher_acc is not None else f"{'-':>13}"
+        rows.append(f"{e:<16} {role:<6} {100 * rec[f'env{i}_in_acc']:>6.1f}% {100 * rec[f'env{i}_out_acc']:>7.1f}% {t}")
+    rows.append(
+        f"selected step {rec['step']} (training-domain validation acc {100 * selected['val_acc']:.1f}%); "
+        f"test-domain accuracy {100 * rec[f'env{test_env}_in_acc']:.1f}% ({envs[test_env]}, in-split)"
+    )
+    return "\n".join(rows)
+
+
+def plot_kept_share(report: dict, envs: List[str], path: Path) -> None:
+    """Per-domain share of the kept rows per step window (from the tracker's report)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    win = report["windows"]
+    if not win:
+        return
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    xs = [w["start_step"] for w in win]
+    for d, name in enumerate(envs):
+        ys = [w["kept_share_of_kept"][d] if w["rows_kept_total"] else np.nan for w in win]
+        if any(w["rows_seen"][d] for w in win):
+            ax.plot(xs, ys, label=name)
+    ax.set_xlabel("step")
+    ax.set_ylabel("share of kept rows")
+    ax.set_title("Hard-sample selection: which domains are kept")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
