@@ -98,6 +98,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "the real step count (default 'steps' on the embedded world)")
     g.add_argument("--teacher-renorm", action="store_true",
                    help="feed the teacher CLIP-normalised images (the authors feed the ImageNet-normalised tensor)")
+    g.add_argument("--image-size", type=int, default=None, help="input size (default 224; embedded world: its own)")
     g.add_argument("--prompt", default=SCMD_PROMPT, help=f"class prompt template (default {SCMD_PROMPT!r})")
     g.add_argument("--selector", default="auto", choices=["auto", "fastsel", "torch"],
                    help="who ranks the losses: fastsel (Rust, CPU) or the torch reference; auto = fastsel if built")
@@ -316,10 +317,10 @@ def load_clip(args, device) -> nn.Module:
     """The frozen open_clip teacher: a named model with an open_clip pretrained tag or a local weights file."""
     import open_clip
 
-    if args.dataset == "embedded":
-        from scmd import world
+    from scmd import world
 
-        world.register_teacher_config()
+    world.register_teacher_config()  # the embedded world's tiny CLIP is an open_clip model name like any other
+    if args.dataset == "embedded":
         pretrained = args.teacher_weights or str(world.TEACHER_WEIGHTS)
     else:
         pretrained = args.teacher_weights or "openai"
@@ -775,6 +776,8 @@ def check_layout(args, index) -> None:
 
 
 def image_size_for(args) -> int:
+    if args.image_size:
+        return args.image_size
     if args.dataset == "embedded":
         from scmd import world
 
@@ -811,7 +814,7 @@ def report_hardest(report: dict) -> dict:
 def run_fingerprint(args, hparams) -> dict:
     keys = ["dataset", "algorithm", "test_env", "steps", "checkpoint_freq", "seed", "trial_seed", "hparams_seed",
             "holdout_fraction", "student", "student_weights", "teacher", "teacher_weights", "selection_horizon",
-            "teacher_renorm", "prompt", "select_per_domain", "allow_truncated_images"]
+            "teacher_renorm", "prompt", "select_per_domain", "allow_truncated_images", "image_size"]
     fp = {k: getattr(args, k) for k in keys}
     fp["hparams"] = json.dumps(hparams, sort_keys=True)
     return fp

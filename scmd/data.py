@@ -89,13 +89,23 @@ class DomainIndex:
 
 
 def _imagefolder_files(class_dir: str) -> List[str]:
-    """Files of one class folder in torchvision ImageFolder's order (os.walk, sorted, extension filter)."""
-    out = []
-    for dirpath, _dirs, files in sorted(os.walk(class_dir, followlinks=True)):
-        for name in sorted(files):
-            if name.lower().endswith(IMG_EXTENSIONS):
-                out.append(os.path.join(dirpath, name))
-    return out
+    """Files of one class folder in torchvision ImageFolder's order (os.walk following links, sorted, extension
+    filter). Unreadable folders and symlink loops are errors (os.walk would skip or repeat them silently)."""
+    walked, real = [], {}
+    for dirpath, _dirs, files in os.walk(class_dir, followlinks=True, onerror=_raise):
+        real[dirpath] = os.path.realpath(dirpath)
+        parent = os.path.dirname(dirpath)
+        while parent in real:  # a folder that is its own ancestor: a symlink loop
+            if real[parent] == real[dirpath]:
+                raise DataError(f"symlink loop: {dirpath} leads back to {parent}; remove the link")
+            parent = os.path.dirname(parent)
+        walked.append((dirpath, files))
+    return [os.path.join(d, f) for d, files in sorted(walked) for f in sorted(files)
+            if f.lower().endswith(IMG_EXTENSIONS)]
+
+
+def _raise(err: OSError) -> None:
+    raise DataError(f"cannot read folder {err.filename}: {err.strerror}")
 
 
 def _index_python(root: Path) -> DomainIndex:
