@@ -1,0 +1,368 @@
+//! Observational bookkeeping of one run: per-sample counters and losses, per-window per-domain
+//! row counts, a JSON report, and an exact state for resuming. It never feeds back into selection.
+//!
+//! The pure-numpy twin is `scmd/tracking.py`; both must produce bit-identical arrays and equal
+//! JSON (after parsing).
+
+use crate::error::{Error, Result};
+use crate::selection::desc_key_f64;
+
+/// Bound on the dense per-window table (`n_windows * n_domains` cells).
+pub const MAX_WINDOW_CELLS: usize = 1 << 26;
+
+/// Version tag stored in `state_dict()`.
+pub const STATE_VERSION: i64 = 1;
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Tracker {
+    pub n_samples: usize,
+    pub n_domains: usize,
+    pub window: u64,
+    pub ema: f64,
+    pub n_records: i64,
+    pub times_seen: Vec<i64>,
+    pub times_selected: Vec<i64>,
+    pub last_loss: Vec<f32>,
+    pub ema_loss: Vec<f64>,
+    /// Domain of each sample, -1 until first seen.
+    pub sample_domain: Vec<i64>,
+    /// Row-major `[n_windows, n_domains]`.
+    pub window_rows_seen: Vec<i64>,
+    pub window_rows_kept: Vec<i64>,
+}
+
+impl Tracker {
+    pub fn new(n_samples: i64, n_domains: i64, window: i64, ema: f64) -> Result<Self> {
+        if n_samples < 1 {
+            return Err(Error::Value(format!(
+                "n_samples must be >= 1, got {n_samples}"
+            )));
+        }
+        if n_domains < 1 {
+            return Err(Error::Value(format!(
+                "n_domains must be >= 1, got {n_domains}"
+            )));
+        }
+        if window < 1 {
+            return Err(Error::Value(format!("window must be >= 1, got {window}")));
+        }
+        if !(0.0..=1.0).contains(&ema) {
+            return Err(Error::Value(format!("ema must be in [0, 1], got {ema}")));
+        }
+        let n = usize::try_from(n_samples)
+            .map_err(|_| Error::Value(format!("n_samples is too large: {n_samples}")))?;
+        let d = usize::try_from(n_domains)
+            .map_err(|_| Error::Value(format!("n_domains is too large: {n_domains}")))?;
+        if d > MAX_WINDOW_CELLS {
+            return Err(Error::Value(format!(
+                "n_domains must be <= {MAX_WINDOW_CELLS}, got {d}"
+            )));
+        }
+        Ok(Tracker {
+            n_samples: n,
+            n_domains: d,
+            window: window as u64,
+            ema,
+            n_records: 0,
+            times_seen: vec![0; n],
+            times_selected: vec![0; n],
+            last_loss: vec![f32::NAN; n],
+            ema_loss: vec![f64::NAN; n],
+            sample_domain: vec![-1; n],
+            window_rows_seen: Vec::new(),
+            window_rows_kept: Vec::new(),
+        })
+    }
+
+    pub fn n_windows(&self) -> usize {
+        self.window_rows_seen.len() / self.n_domains
+    }
+
+    /// Validates everything first, then applies the batch (a failed call changes nothing).
+    pub fn record(
+        &mut self,
+        step: i64,
+        sample_ids: &[i64],
+        domain_ids: &[i64],
+        losses: &[f32],
+        kept: &[i64],
+    ) -> Result<()> {
+        if step < 0 {
+            return Err(Error::Value(format!("step must be >= 0, got {step}")));
+        }
+        let n = sample_ids.len();
+        if domain_ids.len() != n || losses.len() != n {
+            return Err(Error::Value(format!(
+                "sample_ids, domain_ids and losses must have the same length, got {}, {} and {}",
+                n,
+                domain_ids.len(),
+                losses.len()
+            )));
+        }
+        let w = (step as u64 / self.window) as usize;
+        let needed = (w + 1).saturating_mul(self.n_domains);
+        if needed > MAX_WINDOW_CELLS {
+            return Err(Error::Value(format!(
+                "step {step} is too large for window {} and {} domains (more than {} window cells)",
+                self.window, self.n_domains, MAX_WINDOW_CELLS
+            )));
+        }
+        for (r, &s) in sample_ids.iter().enumerate() {
+            if s < 0 || s as u64 >= self.n_samples as u64 {
+                return Err(Error::Value(format!(
+                    "sample_ids[{r}] = {s} is out of range [0, {})",
+                    self.n_samples
+                )));
+            }
+        }
+        for (r, &d) in domain_ids.iter().enumerate() {
+            if d < 0 || d as u64 >= self.n_domains as u64 {
+                return Err(Error::Value(format!(
+                    "domain_ids[{r}] = {d} is out of range [0, {})",
+                    self.n_domains
+                )));
+            }
+        }
+        // A sample keeps one domain for the whole run (also within this batch).
+        let mut fresh: Vec<(i64, i64, usize)> = Vec::new();
+        for (r, (&s, &d)) in sample_ids.iter().zip(domain_ids).enumerate() {
+            let known = self.sample_domain[s as usize];
+            if known < 0 {
+                fresh.push((s, d, r));
+            } else if known != d {
+                return Err(Error::Value(format!(
+                    "domain_ids[{r}] = {d} but sample {s} was recorded earlier with domain {known}"
+                )));
+            }
+        }
+        if fresh.len() > 1 {
+            fresh.sort_unstable_by_key(|&(s, _, r)| (s, r));
+            for pair in fresh.windows(2) {
+                let ((s0, d0, r0), (s1, d1, r1)) = (pair[0], pair[1]);
+                if s0 == s1 && d0 != d1 {
+                    return Err(Error::Value(format!(
+                        "sample {s0} appears with domain_ids {d0} (row {r0}) and {d1} (row {r1}) in one batch"
+                    )));
+                }
+            }
+        }
+        let mut is_kept = vec![false; n];
+        for (j, &p) in kept.iter().enumerate() {
+            if p < 0 || p as u64 >= n as u64 {
+                return Err(Error::Value(format!(
+                    "kept[{j}] = {p} is not a row position in [0, {n})"
+                )));
+            }
+            if is_kept[p as usize] {
+                return Err(Error::Value(format!("kept[{j}] = {p} repeats a position")));
+            }
+            is_kept[p as usize] = true;
+        }
+
+        // Apply.
+        if needed > self.window_rows_seen.len() {
+            self.window_rows_seen.resize(needed, 0);
+            self.window_rows_kept.resize(needed, 0);
+        }
+        let base = w * self.n_domains;
+        let keep_w = 1.0 - self.ema;
+        for r in 0..n {
+            let s = sample_ids[r] as usize;
+            let d = domain_ids[r];
+            let loss = losses[r];
+            self.sample_domain[s] = d;
+            let e = if self.times_seen[s] == 0 {
+                f64::from(loss)
+            } else {
+                self.ema * self.ema_loss[s] + keep_w * f64::from(loss)
+            };
+            // NaN sign/payload after arithmetic is not portable: store the canonical NaN.
+            self.ema_loss[s] = if e.is_nan() { f64::NAN } else { e };
+            self.times_seen[s] += 1;
+            self.last_loss[s] = loss;
+            self.window_rows_seen[base + d as usize] += 1;
+            if is_kept[r] {
+                self.times_selected[s] += 1;
+                self.window_rows_kept[base + d as usize] += 1;
+            }
+        }
+        self.n_records += 1;
+        Ok(())
+    }
+
+    /// Sample ids of domain `d` that were seen, hardest first: NaN EMA first, then EMA
+    /// descending; ties (including -0.0/+0.0) by lower id.
+    pub fn hardest(&self, d: i64, top: usize) -> Vec<usize> {
+        let mut ids: Vec<(u64, usize)> = (0..self.n_samples)
+            .filter(|&s| self.times_seen[s] > 0 && self.sample_domain[s] == d)
+            .map(|s| (!desc_key_f64(self.ema_loss[s]), s))
+            .collect();
+        ids.sort_unstable();
+        ids.truncate(top);
+        ids.into_iter().map(|(_, s)| s).collect()
+    }
+
+    pub fn report_json(&self, top: usize) -> String {
+        let d_n = self.n_domains;
+        let mut dom_seen = vec![0i64; d_n];
+        let mut dom_kept = vec![0i64; d_n];
+        for w in 0..self.n_windows() {
+            for d in 0..d_n {
+                dom_seen[d] += self.window_rows_seen[w * d_n + d];
+                dom_kept[d] += self.window_rows_kept[w * d_n + d];
+            }
+        }
+        let mut samples_seen = vec![0i64; d_n];
+        for s in 0..self.n_samples {
+            if self.times_seen[s] > 0 {
+                samples_seen[self.sample_domain[s] as usize] += 1;
+            }
+        }
+        let mut j = String::with_capacity(1024);
+        j.push('{');
+        j.push_str("\"format\": \"fastsel.tracker.report/1\", ");
+        j.push_str(&format!(
+            "\"settings\": {{\"n_samples\": {}, \"n_domains\": {}, \"window\": {}, \"ema\": {}, \"top\": {}}}, ",
+            self.n_samples,
+            d_n,
+            self.window,
+            json_f64(self.ema),
+            top
+        ));
+        j.push_str(&format!(
+            "\"records\": {}, \"rows_seen\": {}, \"rows_kept\": {}, ",
+            self.n_records,
+            dom_seen.iter().sum::<i64>(),
+            dom_kept.iter().sum::<i64>()
+        ));
+        j.push_str("\"domains\": [");
+        for d in 0..d_n {
+            if d > 0 {
+                j.push_str(", ");
+            }
+            j.push_str(&format!(
+                "{{\"domain\": {d}, \"rows_seen\": {}, \"rows_kept\": {}, \"kept_share\": {}, \"samples_seen\": {}, \"hardest\": [",
+                dom_seen[d],
+                dom_kept[d],
+                share(dom_kept[d], dom_seen[d]),
+                samples_seen[d]
+            ));
+            for (i, s) in self.hardest(d as i64, top).into_iter().enumerate() {
+                if i > 0 {
+                    j.push_str(", ");
+                }
+                j.push_str(&format!(
+                    "{{\"sample_id\": {s}, \"ema_loss\": {}, \"last_loss\": {}, \"times_seen\": {}, \"times_selected\": {}}}",
+                    json_f64(self.ema_loss[s]),
+                    json_f64(f64::from(self.last_loss[s])),
+                    self.times_seen[s],
+                    self.times_selected[s]
+                ));
+            }
+            j.push_str("]}");
+        }
+        j.push_str("], \"windows\": [");
+        let mut first = true;
+        for w in 0..self.n_windows() {
+            let seen = &self.window_rows_seen[w * d_n..(w + 1) * d_n];
+            let kept = &self.window_rows_kept[w * d_n..(w + 1) * d_n];
+            if seen.iter().all(|&x| x == 0) {
+                continue;
+            }
+            if !first {
+                j.push_str(", ");
+            }
+            first = false;
+            let first_step = w as u64 * self.window;
+            j.push_str(&format!(
+                "{{\"window\": {w}, \"first_step\": {first_step}, \"last_step\": {}, \"rows_seen\": {}, \"rows_kept\": {}, \"kept_share\": [{}]}}",
+                first_step + self.window - 1,
+                json_ints(seen),
+                json_ints(kept),
+                seen.iter()
+                    .zip(kept)
+                    .map(|(&s, &k)| share(k, s))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
+        }
+        j.push_str("]}");
+        j
+    }
+}
+
+/// JSON for a float: shortest round-trip digits; NaN and infinities as the strings
+/// "NaN", "Infinity", "-Infinity" (JSON has no literal for them).
+pub fn json_f64(x: f64) -> String {
+    if x.is_nan() {
+        "\"NaN\"".to_string()
+    } else if x == f64::INFINITY {
+        "\"Infinity\"".to_string()
+    } else if x == f64::NEG_INFINITY {
+        "\"-Infinity\"".to_string()
+    } else {
+        format!("{x:?}")
+    }
+}
+
+fn share(kept: i64, seen: i64) -> String {
+    if seen == 0 {
+        "null".to_string()
+    } else {
+        json_f64(kept as f64 / seen as f64)
+    }
+}
+
+fn json_ints(v: &[i64]) -> String {
+    let parts: Vec<String> = v.iter().map(|x| x.to_string()).collect();
+    format!("[{}]", parts.join(", "))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_duplicates_and_ema() {
+        let mut t = Tracker::new(4, 2, 10, 0.5).unwrap();
+        t.record(3, &[1, 1, 2], &[0, 0, 1], &[2.0, 4.0, 1.0], &[1])
+            .unwrap();
+        assert_eq!(t.times_seen, vec![0, 2, 1, 0]);
+        assert_eq!(t.times_selected, vec![0, 1, 0, 0]);
+        assert_eq!(t.last_loss[1], 4.0);
+        // first observation 2.0, then 0.5 * 2 + 0.5 * 4 = 3
+        assert_eq!(t.ema_loss[1], 3.0);
+        assert!(t.ema_loss[0].is_nan());
+        assert_eq!(t.window_rows_seen, vec![2, 1]);
+        assert_eq!(t.window_rows_kept, vec![1, 0]);
+        t.record(25, &[3], &[1], &[f32::NAN], &[0]).unwrap();
+        assert_eq!(t.n_windows(), 3);
+        assert_eq!(t.window_rows_seen, vec![2, 1, 0, 0, 0, 1]);
+        assert_eq!(t.hardest(1, 10), vec![3, 2]);
+    }
+
+    #[test]
+    fn failed_record_changes_nothing() {
+        let mut t = Tracker::new(4, 2, 10, 0.9).unwrap();
+        let before = format!("{t:?}");
+        assert!(t.record(0, &[0, 5], &[0, 0], &[1.0, 1.0], &[]).is_err());
+        assert!(t.record(0, &[0, 1], &[0, 2], &[1.0, 1.0], &[]).is_err());
+        assert!(t.record(0, &[0, 1], &[0, 0], &[1.0, 1.0], &[2]).is_err());
+        assert!(t.record(0, &[0, 1], &[0, 0], &[1.0, 1.0], &[1, 1]).is_err());
+        assert!(t.record(0, &[0, 0], &[0, 1], &[1.0, 1.0], &[]).is_err());
+        assert!(t.record(-1, &[0], &[0], &[1.0], &[]).is_err());
+        assert!(t.record(0, &[0], &[0, 1], &[1.0], &[]).is_err());
+        assert_eq!(format!("{t:?}"), before);
+        t.record(0, &[0], &[0], &[1.0], &[]).unwrap();
+        assert!(t.record(1, &[0], &[1], &[1.0], &[]).is_err());
+    }
+
+    #[test]
+    fn json_floats() {
+        assert_eq!(json_f64(0.5), "0.5");
+        assert_eq!(json_f64(1.0), "1.0");
+        assert_eq!(json_f64(f64::NAN), "\"NaN\"");
+        assert_eq!(json_f64(f64::NEG_INFINITY), "\"-Infinity\"");
+        assert_eq!(json_f64(1e-300), "1e-300");
+    }
+}

@@ -1,0 +1,179 @@
+"""Type stub of the Rust extension ``fastsel._fastsel`` (re-exported by ``fastsel``).
+
+Array arguments must be numpy arrays of the stated dtype, 1-D and C-contiguous; they are read
+in place (zero copy). A wrong type or dtype raises TypeError, a wrong shape/layout or value
+raises ValueError, with a message that names the argument. Work on large inputs runs with the
+GIL released.
+"""
+
+import os
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import numpy.typing as npt
+
+__version__: str
+SCMD_TEMPLATE: str
+"""SCMD's prompt, ``"this is a photo of a {}"``."""
+IMAGENET_TEMPLATES: Tuple[str, ...]
+"""CLIP's 80 ImageNet prompt templates (``{}`` = class name)."""
+IMG_EXTENSIONS: Tuple[str, ...]
+"""torchvision's image extensions, compared with the lower-cased file name."""
+DEFAULT_CONTEXT_LENGTH: int
+
+StrPath = Union[str, "os.PathLike[str]"]
+
+# --- selection ------------------------------------------------------------------------------
+
+def _noop(losses: npt.NDArray[np.float32]) -> None:
+    """Takes ``losses`` like ``topk_desc`` and returns at once (benchmark floor)."""
+
+def topk_desc(
+    losses: npt.NDArray[np.float32], k: int, out: Optional[npt.NDArray[np.int64]] = None
+) -> npt.NDArray[np.int64]:
+    """``torch.sort(losses, descending=True, stable=True).indices[:k]``.
+
+    NaN ranks largest (all NaNs first, in position order), then +inf, finite values, -inf;
+    -0.0 and +0.0 tie; ties keep ascending position. ``0 <= k <= len(losses)``. With ``out``
+    (int64, 1-D, C-contiguous, length k) the result is written into it and ``out`` is returned.
+    """
+
+def kept_count(n: int, p: float) -> int:
+    """``int(n * p)`` as Python computes it; ``n >= 0``, ``0 <= p <= 1``."""
+
+def topk_per_domain(
+    losses: npt.NDArray[np.float32], domain_ids: npt.NDArray[np.int64], p: float
+) -> npt.NDArray[np.int64]:
+    """For each domain id present (ascending), the top ``int(n_d * p)`` row positions of that
+    domain in ``topk_desc`` order; the groups concatenated."""
+
+# --- tracker --------------------------------------------------------------------------------
+
+class Tracker:
+    """Observational bookkeeping of one run; never influences selection.
+
+    ``scmd.tracking.Tracker`` is the pure-numpy twin (same arrays bit for bit, same JSON).
+    """
+
+    def __init__(self, n_samples: int, n_domains: int, window: int = 100, ema: float = 0.9) -> None: ...
+    @property
+    def n_samples(self) -> int: ...
+    @property
+    def n_domains(self) -> int: ...
+    @property
+    def window(self) -> int: ...
+    @property
+    def ema(self) -> float: ...
+    @property
+    def n_records(self) -> int: ...
+    def record(
+        self,
+        step: int,
+        sample_ids: npt.NDArray[np.int64],
+        domain_ids: npt.NDArray[np.int64],
+        losses: npt.NDArray[np.float32],
+        kept: npt.NDArray[np.int64],
+    ) -> None:
+        """Records one step of N rows; ``kept`` holds distinct row positions in ``[0, N)``.
+
+        ``step >= 0``; ids must be in range and a sample keeps one domain for the whole run.
+        Everything is validated before anything changes.
+        """
+    def times_seen(self) -> npt.NDArray[np.int64]: ...
+    def times_selected(self) -> npt.NDArray[np.int64]: ...
+    def last_loss(self) -> npt.NDArray[np.float32]:
+        """Loss of the latest row of each sample; NaN where never seen."""
+    def ema_loss(self) -> npt.NDArray[np.float64]:
+        """First loss, then ``ema * prev + (1 - ema) * loss`` per row; NaN where never seen.
+        Any NaN is stored as the canonical quiet NaN (its bits do not depend on the arithmetic)."""
+    def sample_domain(self) -> npt.NDArray[np.int64]:
+        """Domain of each sample, -1 where never seen."""
+    def window_rows_seen(self) -> npt.NDArray[np.int64]:
+        """Rows seen, shape ``[n_windows, n_domains]``, window = ``step // window``."""
+    def window_rows_kept(self) -> npt.NDArray[np.int64]:
+        """Rows kept, shape ``[n_windows, n_domains]``."""
+    def report_json(self, top: int = 10) -> str:
+        """JSON report: settings, per-domain totals and kept share, per-window per-domain kept
+        share (windows with rows only), and per domain the ``top`` hardest seen samples by
+        ``ema_loss`` (NaN first, then descending, ties by lower id). Non-finite floats are the
+        strings "NaN"/"Infinity"/"-Infinity"; an undefined share is null."""
+    def state_dict(self) -> Dict[str, Union[np.ndarray, int, float]]: ...
+    def load_state_dict(self, state: Dict[str, Union[np.ndarray, int, float]]) -> None:
+        """Restores an exact state taken from a tracker with the same settings."""
+
+# --- dataset indexing -----------------------------------------------------------------------
+
+def index_domainbed(root: StrPath) -> Dict[str, list]:
+    """Index a DomainBed root (``~`` expanded).
+
+    Returns ``{"envs": [env, ...], "classes": [class, ...], "paths": [[path, ...] per env],
+    "labels": [int64 array per env]}``: envs are the sorted directories of ``root``, classes the
+    sorted class folders (identical in every env), and each env's samples are exactly
+    ``torchvision.datasets.ImageFolder(os.path.join(root, env)).samples``.
+
+    Raises FileNotFoundError (missing root, no env folders, an env without class folders, an
+    env or class folder without images, like ImageFolder), NotADirectoryError (root is a file),
+    ValueError (class folders differ between envs), PermissionError (unreadable folder) and
+    OSError (symlink loop, other I/O errors); messages name the path.
+    """
+
+def legacy_shuffle(n: int, seed: int) -> npt.NDArray[np.int64]:
+    """``x = np.arange(n); np.random.RandomState(seed).shuffle(x)``; ``0 <= n <= 2**31``,
+    ``0 <= seed < 2**32``."""
+
+def split_in_out(
+    n: int, holdout_fraction: float, seed: int
+) -> Tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+    """DomainBed's split: ``keys = legacy_shuffle(n, seed)``, ``n_out = int(n * holdout_fraction)``;
+    returns ``(keys[:n_out], keys[n_out:])`` = (out, in)."""
+
+# --- prompts --------------------------------------------------------------------------------
+
+class PromptTokenizer:
+    """open_clip ``SimpleTokenizer`` (ViT-B-32 settings) reproduced exactly, or refused.
+
+    ASCII text is supported, including the effects of ftfy/HTML unescaping on it (``&amp;``,
+    ``&#39;``, control characters, ...). Text that is not ASCII, or whose cleaning would produce
+    non-ASCII characters (``&eacute;``, ``&rsquo;``), raises ValueError naming the string.
+    """
+
+    def __init__(self, bpe_path: Optional[StrPath] = None) -> None:
+        """``bpe_path`` defaults to open_clip's installed ``bpe_simple_vocab_16e6.txt.gz``."""
+    @property
+    def bpe_path(self) -> Path: ...
+    @property
+    def vocab_size(self) -> int: ...
+    @property
+    def sot_token_id(self) -> int: ...
+    @property
+    def eot_token_id(self) -> int: ...
+    def tokenize(
+        self, texts: Union[str, Sequence[str]], context_length: int = 77
+    ) -> npt.NDArray[np.int64]:
+        """``open_clip.get_tokenizer('ViT-B-32')(texts, context_length)`` as an int64 array
+        ``[len(texts), context_length]`` (too long: first ``context_length`` ids, end token
+        last). ``context_length >= 1``."""
+    def prompts(
+        self,
+        classnames: Sequence[str],
+        templates: Union[str, Sequence[str], None] = None,
+        domain_names: Optional[Sequence[str]] = None,
+    ) -> List[str]:
+        """The prompt strings of ``batch`` in row order."""
+    def batch(
+        self,
+        classnames: Sequence[str],
+        templates: Union[str, Sequence[str], None] = None,
+        domain_names: Optional[Sequence[str]] = None,
+        context_length: int = 77,
+    ) -> Tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+        """Tokens ``[R, context_length]`` and ``class_index [R]``.
+
+        Class (and domain) names get ``_`` replaced by a space. Prompt =
+        ``template.format(name)`` or, with domains, ``template.format(name, domain=d)``; only
+        the fields ``{}``/``{0}`` (class name), ``{domain}`` and the escapes ``{{``/``}}`` are
+        supported. Rows are class-major: for each class, for each domain, for each template.
+        ``templates`` defaults to ``[SCMD_TEMPLATE]``; with ``domain_names`` every template must
+        contain ``{domain}``.
+        """
