@@ -84,6 +84,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--hparams-seed", "--hparams_seed", dest="hparams_seed", type=int, default=0,
                    help="0: SCMD defaults; otherwise a random-search draw")
     g.add_argument("--hparams", default=None, help='JSON overrides, e.g. \'{"lr": 3e-5, "worst_case_p": 0.25}\'')
+    g.add_argument("--world-per-class", type=int, default=None,
+                   help="embedded world only: images per (domain, class) instead of the full world (quick checks)")
     g.add_argument("--holdout-fraction", "--holdout_fraction", dest="holdout_fraction", type=float, default=0.2)
     g = p.add_argument_group("models")
     g.add_argument("--student", default=None, help="resnet50 (default) or resnet18; embedded world: its narrow ResNet")
@@ -158,6 +160,8 @@ def resolve_settings(args: argparse.Namespace) -> argparse.Namespace:
         except ValueError:
             raise UsageError(f"--selection-horizon must be an integer or 'steps', got {args.selection_horizon!r}") \
                 from None
+    if args.world_per_class is not None and (not embedded or args.world_per_class < 5):
+        raise UsageError("--world-per-class applies to the embedded world only and needs >= 5 images per class")
     if not 0.0 <= args.holdout_fraction < 1.0:
         raise UsageError(f"--holdout-fraction must be in [0, 1), got {args.holdout_fraction}")
     if args.prompt.count("{}") != 1:
@@ -257,7 +261,11 @@ def build_student(args, n_classes: int, dropout: float) -> Student:
             weights = world.STUDENT_WEIGHTS
         elif weights == "none":
             weights = None
-        return Student(world.build_student(weights), n_classes, dropout)
+        try:
+            backbone = world.build_student(weights)
+        except (OSError, ValueError) as e:
+            raise DataError(f"student weights: {e}") from None
+        return Student(backbone, n_classes, dropout)
     if args.student not in ("resnet50", "resnet18"):
         raise UsageError(f"--student must be resnet50 or resnet18, got {args.student!r}")
     ctor = getattr(torchvision.models, args.student)
@@ -403,7 +411,10 @@ class Selector:
                 keep_np = self.fastsel.topk_desc(l_np, k)
             keep = torch.from_numpy(keep_np).to(losses.device)
         else:
-            keep = select_hardest_per_domain(losses, domains, self.p) if self.per_domain else select_hardest(losses, k)
+            if self.per_domain:
+                keep = select_hardest_per_domain(losses, domains.to(losses.device), self.p)
+            else:
+                keep = select_hardest(losses, k)
             l_np, d_np, keep_np = None, None, None
         if self.tracker is not None:
             if l_np is None:
@@ -681,7 +692,7 @@ def main(argv=None) -> int:
 
     # --- training loop: one minibatch per training domain, concatenated in env order ----------------
     loaders = [D.train_loader(D.StepBatches(store, e, splits[e][1], hparams["batch_size"], args.seed, image_size),
-                              start_step, args.workers) for e in train_envs]
+                              start_step, args.workers, pin_memory=device.type == "cuda") for e in train_envs]
     iters = [iter(ld) for ld in loaders]
     window = window or new_window()
     pbar = progress(args, start_step)
@@ -689,11 +700,11 @@ def main(argv=None) -> int:
     for step in range(start_step, args.steps):
         t0 = time.time()
         batches = [next(it) for it in iters]
-        x = torch.cat([b[0] for b in batches]).to(device, non_blocking=True)
-        y = torch.cat([b[1] for b in batches]).to(device, non_blocking=True)
+        x = torch.cat([b[0].to(device, non_blocking=True) for b in batches])  # pinned -> async copies on CUDA
+        y = torch.cat([b[1].to(device, non_blocking=True) for b in batches])
         ids = torch.cat([b[2] for b in batches])
         domains = torch.cat([torch.full((len(b[1]),), e, dtype=torch.int64) for e, b in zip(train_envs, batches)])
-        pending.append((step, trainer.update(x, y, domains.to(device), ids, step)))
+        pending.append((step, trainer.update(x, y, domains, ids, step)))
         window["time"] += time.time() - t0
         last = step == args.steps - 1
         evaluate_now = step % args.checkpoint_freq == 0 or last
@@ -734,7 +745,7 @@ def main(argv=None) -> int:
         report["hardest_paths"] = {index.envs[d]: [index.global_path(i) for i in ids_]
                                    for d, ids_ in report_hardest(report).items()}
         O.atomic_write_bytes(out / "hardness.json", json.dumps(report, indent=1).encode())
-        O.plot_kept_share(report, index.envs, out / "kept_share.png")
+        O.plot_kept_share(report, index.envs, hparams["worst_case_p"], out / "kept_share.png")
     O.atomic_write_bytes(out / "summary.json", json.dumps(summary, indent=1).encode())
     O.atomic_write_bytes(out / O.DONE, b"done\n")
     print(table)
@@ -751,7 +762,7 @@ def dataset_root(args) -> Path:
     if args.dataset == "embedded":
         from scmd import world
 
-        return world.ensure_dataset(data_dir, progress=not args.no_progress)
+        return world.ensure_dataset(data_dir, progress=not args.no_progress, n_per_class=args.world_per_class)
     info = D.DATASETS[args.dataset]
     root = data_dir / info.folder
     if args.download:
@@ -814,7 +825,8 @@ def report_hardest(report: dict) -> dict:
 def run_fingerprint(args, hparams) -> dict:
     keys = ["dataset", "algorithm", "test_env", "steps", "checkpoint_freq", "seed", "trial_seed", "hparams_seed",
             "holdout_fraction", "student", "student_weights", "teacher", "teacher_weights", "selection_horizon",
-            "teacher_renorm", "prompt", "select_per_domain", "allow_truncated_images", "image_size"]
+            "teacher_renorm", "prompt", "select_per_domain", "allow_truncated_images", "image_size",
+            "world_per_class"]
     fp = {k: getattr(args, k) for k in keys}
     fp["hparams"] = json.dumps(hparams, sort_keys=True)
     return fp

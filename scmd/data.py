@@ -270,10 +270,10 @@ class _Steps(torch.utils.data.Sampler):
             step += 1
 
 
-def train_loader(dataset: StepBatches, start_step: int, workers: int) -> torch.utils.data.DataLoader:
+def train_loader(dataset: StepBatches, start_step: int, workers: int, pin_memory: bool = False):
     """An infinite loader of one env's minibatches, beginning at `start_step`."""
     return torch.utils.data.DataLoader(
-        dataset, batch_size=None, sampler=_Steps(start_step), num_workers=workers,
+        dataset, batch_size=None, sampler=_Steps(start_step), num_workers=workers, pin_memory=pin_memory,
         persistent_workers=workers > 0, prefetch_factor=2 if workers > 0 else None,
     )
 

@@ -171,8 +171,9 @@ def format_table(envs: List[str], test_env: int, selected: dict, teacher_acc: Op
     return "\n".join(rows)
 
 
-def plot_kept_share(report: dict, envs: List[str], path: Path) -> None:
-    """Per-domain share of the kept rows per step window (from the tracker's report)."""
+def plot_kept_share(report: dict, envs: List[str], p: float, path: Path) -> None:
+    """Per-domain kept share (rows kept / rows seen) per step window, from the tracker's report. Without a
+    domain preference every line would sit at p."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -182,14 +183,14 @@ def plot_kept_share(report: dict, envs: List[str], path: Path) -> None:
     if not win:
         return
     fig, ax = plt.subplots(figsize=(7, 3.5))
-    xs = [w["start_step"] for w in win]
+    xs = [w["first_step"] for w in win]
     for d, name in enumerate(envs):
-        ys = [w["kept_share_of_kept"][d] if w["rows_kept_total"] else np.nan for w in win]
         if any(w["rows_seen"][d] for w in win):
-            ax.plot(xs, ys, label=name)
-    ax.set_xlabel("step")
-    ax.set_ylabel("share of kept rows")
-    ax.set_title("Hard-sample selection: which domains are kept")
+            ax.plot(xs, [np.nan if w["kept_share"][d] is None else w["kept_share"][d] for w in win], label=name)
+    ax.axhline(p, color="grey", linestyle=":", label=f"p = {p}")
+    ax.set_xlabel("step (window start)")
+    ax.set_ylabel("kept share of the domain's rows")
+    ax.set_title("Hard-sample selection by domain")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
