@@ -401,25 +401,23 @@ class Selector:
             self.fastsel = fastsel
 
     def __call__(self, losses: torch.Tensor, domains: torch.Tensor, ids: torch.Tensor, step: int) -> torch.Tensor:
+        """losses: the N per-sample CEs (on the device); domains, ids: the rows' domain and sample ids (CPU)."""
         k = int(len(losses) * self.p)  # kept count floor(N * p)
+        host = None
+        if self.kind == "fastsel" or self.tracker is not None:
+            host = losses.detach().float().cpu().numpy()  # one device->host copy of N floats
         if self.kind == "fastsel":
-            l_np = losses.detach().float().cpu().numpy()
-            d_np = domains.cpu().numpy()
             if self.per_domain:
-                keep_np = self.fastsel.topk_per_domain(l_np, d_np, self.p)
+                keep = torch.from_numpy(self.fastsel.topk_per_domain(host, domains.numpy(), self.p))
             else:
-                keep_np = self.fastsel.topk_desc(l_np, k)
-            keep = torch.from_numpy(keep_np).to(losses.device)
+                keep = torch.from_numpy(self.fastsel.topk_desc(host, k))
+            keep = keep.to(losses.device)
+        elif self.per_domain:
+            keep = select_hardest_per_domain(losses, domains.to(losses.device), self.p)
         else:
-            if self.per_domain:
-                keep = select_hardest_per_domain(losses, domains.to(losses.device), self.p)
-            else:
-                keep = select_hardest(losses, k)
-            l_np, d_np, keep_np = None, None, None
-        if self.tracker is not None:
-            if l_np is None:
-                l_np, d_np, keep_np = losses.detach().float().cpu().numpy(), domains.cpu().numpy(), keep.cpu().numpy()
-            self.tracker.record(step, ids.cpu().numpy(), d_np, l_np, keep_np)
+            keep = select_hardest(losses, k)
+        if self.tracker is not None:  # observational bookkeeping only
+            self.tracker.record(step, ids.numpy(), domains.numpy(), host, keep.cpu().numpy())
         return keep
 
 
@@ -663,6 +661,7 @@ def main(argv=None) -> int:
 
     # --- resume ------------------------------------------------------------------------------------------
     fingerprint = run_fingerprint(args, hparams)
+    O.remove_stale_temps(out)
     start_step, records, window = 0, [], None
     ckpt = O.load_checkpoint(out / O.CKPT_LAST) if args.resume != "no" else None
     if args.resume == "yes" and ckpt is None:

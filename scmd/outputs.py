@@ -32,6 +32,12 @@ def prepare_output_dir(path: Path) -> None:
         raise UsageError(f"output folder {path} is not writable ({e.strerror}); pass --output-dir DIR") from None
 
 
+def remove_stale_temps(path: Path) -> None:
+    """Temporary files of writes that a crash interrupted (they are never renamed into place)."""
+    for p in path.glob(".*.tmp"):
+        p.unlink(missing_ok=True)
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
