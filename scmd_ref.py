@@ -843,7 +843,7 @@ def record_fields(args, hparams, trainer, step) -> dict:
     fields = {"args": db_args, "hparams": hparams, "selecting": trainer.selecting(step),
               "scmd_args": {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None)))}}
     if trainer.use_cm:
-        fields["cm_logit_scale"] = float(trainer.theta.exp())
+        fields["cm_logit_scale"] = float(trainer.theta.detach().exp())
     return fields
 
 
