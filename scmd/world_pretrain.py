@@ -1,0 +1,439 @@
+"""Pretraining of the embedded world's checkpoints (run through ``python -m scmd.world build``).
+
+* Teacher: open_clip ``CLIP`` (config ``assets/embedded_teacher.json``) trained with the symmetric
+  InfoNCE loss (open_clip's ``ClipLoss``) on captioned images rendered on the fly -- a stand-in for
+  CLIP's web pretraining: all world classes plus ``EXTRA_CLASSES``, the four dataset styles plus
+  ``EXTRA_STYLES``, backdrops independent of the class, and varied caption templates (style, object
+  colour and backdrop words, or none). The learnable logit scale gets no weight decay, its own
+  learning rate (the run is ~1000x shorter than CLIP's) and CLIP's clamp at ln(100).
+* Student: ``world.build_student(None)`` trained with cross-entropy on ``EXTRA_CLASSES`` only, photo
+  style only (a stand-in for ImageNet pretraining), ImageNet normalisation.
+
+Every batch is a pure function of (seed, batch index), whatever the number of data workers.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, IterableDataset
+from torchvision import transforms
+
+from scmd import world
+
+# ---------------------------------------------------------------------------------------------------------
+# Settings (fixed; `build` is deterministic up to floating-point thread scheduling)
+
+TEACHER_SEED = 1234
+TEACHER_STEPS = 3200
+TEACHER_BATCH = 64
+TEACHER_REUSE = 2  # each rendered image is used in 2 consecutive steps (new augmentation and caption)
+TEACHER_LR = 3e-3  # AdamW, betas (0.9, 0.98), eps 1e-6 as in CLIP; warmup then cosine to 0
+TEACHER_WARMUP = 150
+TEACHER_WD = 0.1  # on matrices/kernels only: not on biases, norms or the logit scale
+TEACHER_SCALE_LR = 1e-2  # own lr for the log logit scale (no weight decay), clamped to [0, ln 100]
+TEACHER_DATASET_STYLE_P = 0.8  # share of images in the four dataset styles (rest: EXTRA_STYLES)
+TEACHER_WORLD_CLASS_P = 0.7  # share of images showing a world class (rest: EXTRA_CLASSES): common objects
+
+STUDENT_SEED = 4321
+STUDENT_STEPS = 500
+STUDENT_BATCH = 128
+STUDENT_REUSE = 2
+STUDENT_LR = 0.1  # SGD momentum 0.9, nesterov, weight decay 5e-4; warmup then cosine to 0
+STUDENT_WARMUP = 30
+STUDENT_VAL_PER_CLASS = 40
+
+STYLE_WORDS = {
+    "photo": ["photo", "photograph", "picture", "snapshot", "photo"],
+    "sketch": ["sketch", "pencil sketch", "drawing", "pencil drawing", "line drawing", "doodle"],
+    "cartoon": ["cartoon", "clipart", "illustration", "cartoon drawing", "comic drawing"],
+    "painting": ["painting", "oil painting", "art painting", "artwork", "blurry painting"],
+    "pixel_art": ["pixel art", "pixelated image", "8-bit sprite"],
+    "silhouette": ["silhouette", "black silhouette", "shadow shape"],
+    "neon": ["neon sign", "neon drawing", "glowing outline"],
+    "blueprint": ["blueprint", "technical drawing", "white outline drawing on blue"],
+    "mosaic": ["mosaic", "tile mosaic", "mosaic artwork"],
+    "bw_photo": ["black and white photo", "grayscale photo", "monochrome picture"],
+    "watercolor": ["watercolor", "watercolor painting", "pale painting"],
+}
+PATTERN_WORDS = {
+    "plain": "plain", "striped": "striped", "checkered": "checkered", "dotted": "polka dot", "grid": "grid",
+    "diagonal": "diagonal striped", "wavy": "wavy", "brick": "brick",
+}
+_COLOURLESS = {"sketch", "silhouette", "blueprint", "neon", "bw_photo"}  # object colour not shown
+GENERIC_TEMPLATES = [  # web captions that do not describe the depiction
+    "a photo of a {c}", "this is a photo of a {c}", "a picture of a {c}", "an image of a {c}", "a {c}", "{c}",
+    "look at this {c}", "my {c}", "the {c}", "a nice {c}",
+]
+STYLE_TEMPLATES = [
+    "a {s} of a {c}", "this is a {s} of a {c}", "a {s} of the {c}", "{c}, {s}", "a {s} showing a {c}",
+    "a small {s} of a {c}", "a {c} in a {s}",
+]
+BACKDROP_TEMPLATES = [
+    "a {s} of a {c} on a {bc} background", "a {s} of a {c} on a {p} background",
+    "a {s} of a {c} on a {p} {bc} background", "a {c} in front of a {p} {bc} wall, {s}", "a {c} on {bc}",
+]
+COLOUR_TEMPLATES = ["a {s} of a {oc} {c}", "a {oc} {c} in a {s}", "this is a {s} of a {oc} {c}", "a {oc} {c}",
+                    "a photo of a {oc} {c}", "a {s} of a {oc} {c} on a {bc} background"]
+
+
+def caption(meta: Dict[str, str], r: np.random.RandomState) -> str:
+    c = meta["cls"].replace("_", " ")
+    fields = {"c": c, "s": STYLE_WORDS[meta["style"]][r.randint(len(STYLE_WORDS[meta["style"]]))],
+              "bc": meta["bg_colour"], "p": PATTERN_WORDS[meta["pattern"]], "oc": meta["obj_colour"]}
+    u = r.rand()
+    if u < 0.45:  # most web captions just name the object
+        t = GENERIC_TEMPLATES[r.randint(len(GENERIC_TEMPLATES))]
+    elif u < 0.75:
+        t = STYLE_TEMPLATES[r.randint(len(STYLE_TEMPLATES))]
+    elif u < 0.875 or meta["style"] in _COLOURLESS:
+        t = BACKDROP_TEMPLATES[r.randint(len(BACKDROP_TEMPLATES))]
+    else:
+        t = COLOUR_TEMPLATES[r.randint(len(COLOUR_TEMPLATES))]
+    text = t.format(**fields)
+    return text + "." if r.rand() < 0.3 else text
+
+
+# ---------------------------------------------------------------------------------------------------------
+# On-the-fly data
+
+
+def teacher_scene(seed: int) -> world.Scene:
+    r = np.random.RandomState(seed)
+    pool = world.CLASSES if r.rand() < TEACHER_WORLD_CLASS_P else world.EXTRA_CLASSES
+    cls = pool[r.randint(len(pool))]
+    if r.rand() < TEACHER_DATASET_STYLE_P:
+        style = world.DATASET_STYLES[r.randint(len(world.DATASET_STYLES))]
+    else:
+        style = world.EXTRA_STYLES[r.randint(len(world.EXTRA_STYLES))]
+    pattern = world.PATTERNS[r.randint(len(world.PATTERNS))]
+    colour = world.COLOUR_NAMES[r.randint(len(world.COLOUR_NAMES))]
+    return world.Scene(cls, style, pattern, colour, seed=int(r.randint(2**31)))
+
+
+def student_scene(seed: int) -> Tuple[world.Scene, int]:
+    r = np.random.RandomState(seed)
+    y = r.randint(len(world.EXTRA_CLASSES))
+    pattern = world.PATTERNS[r.randint(len(world.PATTERNS))]
+    colour = world.COLOUR_NAMES[r.randint(len(world.COLOUR_NAMES))]
+    return world.Scene(world.EXTRA_CLASSES[y], "photo", pattern, colour, seed=int(r.randint(2**31))), y
+
+
+class RenderedBatches(IterableDataset):
+    """Chunk k (k = 0 .. n_chunks-1) renders ``batch_size`` images from seeds (seed, k, i) and yields them
+    as ``reuse`` batches (same images, fresh augmentation, caption and order each time). Workers take
+    chunks k = id, id + n, ... and DataLoader interleaves them in order, so the stream does not depend on
+    the number of workers."""
+
+    def __init__(self, kind: str, seed: int, n_chunks: int, batch_size: int, reuse: int = 1):
+        super().__init__()
+        self.kind, self.seed, self.n_chunks, self.batch_size, self.reuse = kind, seed, n_chunks, batch_size, reuse
+        norm = (world.CLIP_MEAN, world.CLIP_STD) if kind == "teacher" else (world.IMAGENET_MEAN, world.IMAGENET_STD)
+        # light augmentation: the run is short, and strong augmentation slowed learning more than it helped
+        aug = [transforms.RandomResizedCrop(world.IMAGE_SIZE, scale=(0.8, 1.0)), transforms.RandomHorizontalFlip()]
+        if kind == "teacher":
+            aug += [transforms.ColorJitter(0.2, 0.2, 0.2)]
+        self.transform = transforms.Compose(aug + [transforms.ToTensor(), transforms.Normalize(*norm)])
+        self.tokenizer = None
+
+    def make(self, k: int) -> list:
+        imgs, metas, ys = [], [], []
+        for i in range(self.batch_size):
+            s = world.stable_seed(self.kind, self.seed, k, i)
+            if self.kind == "teacher":
+                img, meta = world.render(teacher_scene(s))
+                metas.append(meta)
+            else:
+                scene, y = student_scene(s)
+                img, _ = world.render(scene)
+                ys.append(y)
+            imgs.append(img)
+        out = []
+        for use in range(self.reuse):
+            torch.manual_seed(world.stable_seed(self.kind, self.seed, k, use, "aug"))
+            r = np.random.RandomState(world.stable_seed(self.kind, self.seed, k, use, "order"))
+            order = r.permutation(self.batch_size) if use else np.arange(self.batch_size)
+            x = torch.stack([self.transform(imgs[j]) for j in order])
+            if self.kind == "teacher":
+                if self.tokenizer is None:
+                    import open_clip
+
+                    world.register_teacher_config()
+                    self.tokenizer = open_clip.get_tokenizer(world.TEACHER_MODEL_NAME)
+                caps = [caption(metas[j], r) for j in order]
+                out.append((x, self.tokenizer(caps), caps))
+            else:
+                out.append((x, torch.tensor([ys[j] for j in order])))
+        return out
+
+    def __iter__(self) -> Iterator:
+        info = torch.utils.data.get_worker_info()
+        wid, nw = (0, 1) if info is None else (info.id, info.num_workers)
+        for k in range(wid, self.n_chunks, nw):
+            yield self.make(k)
+
+
+def _batches(ds: RenderedBatches, workers: int) -> Iterator:
+    for chunk in _loader(ds, workers):
+        yield from chunk
+
+
+def _worker_init(_):
+    torch.set_num_threads(1)
+
+
+def _loader(ds: RenderedBatches, workers: int) -> DataLoader:
+    return DataLoader(ds, batch_size=None, num_workers=workers, worker_init_fn=_worker_init,
+                      prefetch_factor=4 if workers else None, persistent_workers=False)
+
+
+def _lr_factor(step: int, steps: int, warmup: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+
+
+def _default_workers() -> int:
+    return 1 if (os.cpu_count() or 1) <= 2 else min(4, (os.cpu_count() or 2) - 1)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Teacher
+
+
+def encode_text_truncated(model, tokens: torch.Tensor) -> torch.Tensor:
+    """``model.encode_text(tokens)`` computed on the first L = (last end-of-text position + 1) tokens only.
+    Exact (test_world checks it): the text transformer is causal and pools at the end-of-text token, so
+    the padding after it never reaches the output. Our captions are < 25 tokens of the 77, so training
+    is ~5x cheaper on the text side."""
+    from open_clip.transformer import text_global_pool
+
+    n = int(tokens.argmax(-1).max()) + 1
+    t = tokens[:, :n]
+    x = model.token_embedding(t) + model.positional_embedding[:n]
+    x = model.ln_final(model.transformer(x, attn_mask=model.attn_mask[:n, :n]))
+    x = text_global_pool(x, t, model.text_pool_type)
+    return model.text_projection(x) if isinstance(model.text_projection, torch.nn.Linear) else x @ model.text_projection
+
+
+def train_teacher(steps: int = TEACHER_STEPS, batch_size: int = TEACHER_BATCH, seed: int = TEACHER_SEED,
+                  workers: Optional[int] = None, out: Path = world.TEACHER_WEIGHTS, log=print) -> dict:
+    import open_clip
+    from open_clip.loss import ClipLoss
+
+    workers = _default_workers() if workers is None else workers
+    torch.manual_seed(seed)
+    world.register_teacher_config()
+    model = open_clip.create_model(world.TEACHER_MODEL_NAME)  # random init, the architecture that is loaded
+    model.train()
+    model.visual.to(memory_format=torch.channels_last)  # faster CPU convolutions; same weights
+    decay, no_decay = [], []
+    for n, p in model.named_parameters():
+        if n != "logit_scale":
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": TEACHER_WD, "base_lr": TEACHER_LR},
+              {"params": no_decay, "weight_decay": 0.0, "base_lr": TEACHER_LR},
+              {"params": [model.logit_scale], "weight_decay": 0.0, "base_lr": TEACHER_SCALE_LR}]
+    opt = torch.optim.AdamW(groups, lr=TEACHER_LR, betas=(0.9, 0.98), eps=1e-6)
+    loss_fn = ClipLoss()
+    n_params = sum(p.numel() for p in model.parameters())
+    log(f"[teacher] {world.TEACHER_MODEL_NAME}: {n_params / 1e6:.2f}M params; {steps} steps x {batch_size} "
+        f"captioned images rendered on the fly, each used {TEACHER_REUSE}x ({workers} data workers, "
+        f"{torch.get_num_threads()} threads)")
+    t0, losses, first_loss = time.time(), [], None
+    ds = RenderedBatches("teacher", seed, math.ceil(steps / TEACHER_REUSE), batch_size, TEACHER_REUSE)
+    for step, (x, tok, caps) in enumerate(_batches(ds, workers)):
+        if step == steps:
+            break
+        f = _lr_factor(step, steps, TEACHER_WARMUP)
+        for g in opt.param_groups:
+            g["lr"] = g["base_lr"] * f
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # mixed precision, as CLIP (fp16 there)
+            img_f = model.encode_image(x.contiguous(memory_format=torch.channels_last))
+            txt_f = encode_text_truncated(model, tok)
+        img_f, txt_f = F.normalize(img_f.float(), dim=-1), F.normalize(txt_f.float(), dim=-1)
+        loss = loss_fn(img_f, txt_f, model.logit_scale.exp())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, math.log(100))
+        losses.append(loss.item())
+        first_loss = losses[0] if first_loss is None else first_loss
+        if step == 0:
+            log(f"[teacher] example captions: {caps[:4]}")
+        if step % 50 == 0 or step == steps - 1:
+            el = time.time() - t0
+            log(f"[teacher] step {step:4d}  loss {np.mean(losses[-50:]):.3f}  logit scale "
+                f"{model.logit_scale.exp().item():6.2f}  {el:5.0f}s  {(step + 1) * batch_size / el:5.0f} img/s")
+    elapsed = time.time() - t0
+    stats = {"steps": steps, "batch_size": batch_size, "images_rendered": steps * batch_size // TEACHER_REUSE,
+             "train_seconds": round(elapsed, 1), "loss_first": round(first_loss, 4),
+             "loss_last50": round(float(np.mean(losses[-50:])), 4),
+             "logit_scale": round(model.logit_scale.exp().item(), 3)}
+    model.eval()
+    model.visual.to(memory_format=torch.contiguous_format)
+    world.save_compact(model.state_dict(), out, metadata={"model": world.TEACHER_MODEL_NAME, "seed": str(seed),
+                                                          **{k: str(v) for k, v in stats.items()}})
+    log(f"[teacher] saved {out} ({out.stat().st_size / 1e6:.2f} MB): {stats}")
+    return stats
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Student
+
+
+def _student_val(batch_per_class: int = STUDENT_VAL_PER_CLASS):
+    tf = transforms.Compose([transforms.ToTensor(), transforms.Normalize(world.IMAGENET_MEAN, world.IMAGENET_STD)])
+    xs, ys = [], []
+    for y, cls in enumerate(world.EXTRA_CLASSES):
+        for i in range(batch_per_class):
+            r = np.random.RandomState(world.stable_seed("student-val", cls, i))
+            scene = world.Scene(cls, "photo", world.PATTERNS[r.randint(8)], world.COLOUR_NAMES[r.randint(8)],
+                                seed=int(r.randint(2**31)))
+            xs.append(tf(world.render(scene)[0]))
+            ys.append(y)
+    return torch.stack(xs), torch.tensor(ys)
+
+
+@torch.no_grad()
+def _accuracy(model, x, y, bs: int = 256) -> float:
+    model.eval()
+    pred = torch.cat([model(x[i:i + bs]).argmax(1) for i in range(0, len(x), bs)])
+    return (pred == y).float().mean().item()
+
+
+def train_student(steps: int = STUDENT_STEPS, batch_size: int = STUDENT_BATCH, seed: int = STUDENT_SEED,
+                  workers: Optional[int] = None, out: Path = world.STUDENT_WEIGHTS, log=print) -> dict:
+    workers = _default_workers() if workers is None else workers
+    torch.manual_seed(seed)
+    model = world.build_student(None).to(memory_format=torch.channels_last)
+    opt = torch.optim.SGD(model.parameters(), lr=STUDENT_LR, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    xv, yv = _student_val()
+    log(f"[student] {world.STUDENT_ARCH}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params; "
+        f"{steps} steps x {batch_size} photo-style images of {len(world.EXTRA_CLASSES)} extra classes; "
+        f"validation {len(yv)} fixed images")
+    t0, losses, accs = time.time(), [], []
+    ds = RenderedBatches("student", seed, math.ceil(steps / STUDENT_REUSE), batch_size, STUDENT_REUSE)
+    for step, (x, y) in enumerate(_batches(ds, workers)):
+        if step == steps:
+            break
+        for g in opt.param_groups:
+            g["lr"] = STUDENT_LR * _lr_factor(step, steps, STUDENT_WARMUP)
+        model.train()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = model(x.contiguous(memory_format=torch.channels_last)).float()
+        loss = F.cross_entropy(logits, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+        accs.append((logits.argmax(1) == y).float().mean().item())
+        if step % 50 == 0 or step == steps - 1:
+            log(f"[student] step {step:4d}  loss {np.mean(losses[-50:]):.3f}  train acc {np.mean(accs[-50:]):.3f}"
+                f"  {time.time() - t0:5.0f}s")
+    elapsed = time.time() - t0
+    val = _accuracy(model, xv, yv)
+    stats = {"steps": steps, "batch_size": batch_size, "train_seconds": round(elapsed, 1),
+             "loss_last50": round(float(np.mean(losses[-50:])), 4),
+             "train_acc_last50": round(float(np.mean(accs[-50:])), 4), "val_acc": round(val, 4)}
+    world.save_compact(model.state_dict(), out, metadata={
+        "arch": world.STUDENT_ARCH, "classes": ",".join(world.EXTRA_CLASSES), "seed": str(seed),
+        **{k: str(v) for k, v in stats.items()}})
+    log(f"[student] saved {out} ({out.stat().st_size / 1e6:.2f} MB): {stats}")
+    return stats
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Zero-shot check
+
+
+def _load_env(root: Path, env: str, tf) -> Tuple[torch.Tensor, torch.Tensor]:
+    from PIL import Image
+
+    xs, ys = [], []
+    for y, cls in enumerate(world.CLASSES):
+        for p in sorted((root / env / cls).glob("*.png")):
+            with Image.open(p) as im:
+                xs.append(tf(im.convert("RGB")))
+            ys.append(y)
+    return torch.stack(xs), torch.tensor(ys)
+
+
+@torch.no_grad()
+def zero_shot(model, tokenizer, data_dir, envs: Sequence[str] = tuple(world.ENVIRONMENTS),
+              n_per_class: Optional[int] = None, seed: int = 0) -> Dict[str, Dict[str, float]]:
+    """Accuracy per env of argmax_c cos(image, "this is a photo of a {c}"), with CLIP normalisation,
+    ImageNet normalisation (what SCMD feeds the teacher) and ImageNet normalisation after DomainBed's
+    training augmentation; plus the mean max-probability of the teacher's T=3 soft targets."""
+    root = world.ensure_dataset(data_dir, n_per_class=n_per_class)
+    prompts = [world.ZERO_SHOT_TEMPLATE.format(c.replace("_", " ")) for c in world.CLASSES]
+    txt = F.normalize(model.encode_text(tokenizer(prompts)), dim=-1)
+    scale = model.logit_scale.exp()
+    size = world.IMAGE_SIZE
+    tfs = {
+        "clip": transforms.Compose([transforms.ToTensor(), transforms.Normalize(world.CLIP_MEAN, world.CLIP_STD)]),
+        "imagenet": transforms.Compose([transforms.ToTensor(),
+                                        transforms.Normalize(world.IMAGENET_MEAN, world.IMAGENET_STD)]),
+        "imagenet_trainaug": transforms.Compose([  # DomainBed's training transform (spec 8.2)
+            transforms.RandomResizedCrop(size, scale=(0.7, 1.0)), transforms.RandomHorizontalFlip(),
+            transforms.ColorJitter(0.3, 0.3, 0.3, 0.3), transforms.RandomGrayscale(),
+            transforms.ToTensor(), transforms.Normalize(world.IMAGENET_MEAN, world.IMAGENET_STD)]),
+    }
+    res: Dict[str, Dict[str, float]] = {}
+    for env in envs:
+        res[env] = {}
+        for name, tf in tfs.items():
+            torch.manual_seed(seed)
+            x, y = _load_env(root, env, tf)
+            logits = torch.cat([scale * F.normalize(model.encode_image(x[i:i + 512]), dim=-1) @ txt.T
+                                for i in range(0, len(x), 512)])
+            res[env][name] = round((logits.argmax(1) == y).float().mean().item(), 4)
+            if name == "imagenet":
+                res[env]["T3_maxprob_imagenet"] = round(F.softmax(logits / 3, 1).max(1).values.mean().item(), 3)
+    return res
+
+
+def format_zero_shot(res: Dict[str, Dict[str, float]]) -> List[str]:
+    cols = ["clip", "imagenet", "imagenet_trainaug", "T3_maxprob_imagenet"]
+    lines = [f"{'env':10s}" + "".join(f"{c:>22s}" for c in cols)]
+    for env, r in res.items():
+        lines.append(f"{env:10s}" + "".join(f"{r[c]:22.4f}" for c in cols))
+    lines.append(f"{'mean':10s}" + "".join(f"{np.mean([r[c] for r in res.values()]):22.4f}" for c in cols))
+    return lines
+
+
+def check(data_dir="data", log=print) -> Dict[str, Dict[str, float]]:
+    model, tokenizer = world.load_teacher()
+    log(f"[check] teacher {world.TEACHER_WEIGHTS.name}: logit scale {model.logit_scale.exp().item():.2f}; "
+        f"zero-shot with prompt {world.ZERO_SHOT_TEMPLATE.format('{class}')!r} on {data_dir}/{world.DATASET_DIRNAME}")
+    res = zero_shot(model, tokenizer, data_dir)
+    for line in format_zero_shot(res):
+        log("[check] " + line)
+    return res
+
+
+# ---------------------------------------------------------------------------------------------------------
+
+
+def build(only: Optional[str] = None, data_dir="data") -> None:
+    torch.set_num_threads(max(1, min(4, (os.cpu_count() or 2) - 1)))
+    for name, fn, path in [("teacher", train_teacher, world.TEACHER_WEIGHTS),
+                           ("student", train_student, world.STUDENT_WEIGHTS)]:
+        if only in (None, name):
+            log_path = path.with_suffix(".log")
+            with open(log_path, "w") as fh:
+                def log(msg, fh=fh):
+                    print(msg, flush=True)
+                    fh.write(msg + "\n")
+                    fh.flush()
+                fn(log=log)
+                if name == "teacher":
+                    check(data_dir, log=log)
