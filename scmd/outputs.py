@@ -3,6 +3,7 @@ fsync, rename; loadable with ``torch.load(weights_only=True)``), the ``done`` ma
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -46,34 +47,31 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_torch_save(obj, path: Path) -> None:
+@contextlib.contextmanager
+def _replaced_atomically(path: Path):
+    """Yields a temporary path beside `path`; once the body has written it, it is fsynced and renamed over
+    `path` (readers see the old file or the new one, never a part). On error the temporary file goes."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        torch.save(obj, tmp)
+        yield tmp
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
         _fsync_dir(path.parent)
-    except BaseException:
+    finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-        raise
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    with _replaced_atomically(path) as tmp:
+        Path(tmp).write_bytes(data)
+
+
+def atomic_torch_save(obj, path: Path) -> None:
+    with _replaced_atomically(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def append_record(path: Path, record: dict) -> None:
