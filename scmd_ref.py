@@ -49,6 +49,7 @@ ALGORITHMS = {
     "scmd-no-select": (False,    True,     True),
     "scmd":           (True,     True,     True),
 }  # fmt: skip
+# All ablations use the same --prompt; the authors' SCMD_no_CM/Baseline classes had a typo'd "this is a photo a {}".
 DOMAINBED_ALGORITHM_NAME = {"erm": "ERM", "kd": "KD", "scmd-no-cm": "SCMD_no_CM", "scmd-no-select": "SCMD_no_select",
                             "scmd": "SCMD"}
 SCMD_PROMPT = "this is a photo of a {}"  # the template SCMD distils from (spec 3, "Prompts")
