@@ -9,7 +9,9 @@
 * Student: ``world.build_student(None)`` trained with cross-entropy on ``EXTRA_CLASSES`` only, photo
   style only (a stand-in for ImageNet pretraining), ImageNet normalisation.
 
-Every batch is a pure function of (seed, batch index), whatever the number of data workers.
+Every batch is a pure function of (seed, batch index), whatever the number of data workers, so a build
+that is killed resumes from its last saved state (``<checkpoint>.resume.pt``) on the same batches.
+Both runs use bf16 autocast on the CPU (CLIP itself was trained in mixed precision).
 """
 
 from __future__ import annotations
@@ -32,18 +34,18 @@ from scmd import world
 # Settings (fixed; `build` is deterministic up to floating-point thread scheduling)
 
 TEACHER_SEED = 1234
-TEACHER_STEPS = 3200
-TEACHER_BATCH = 64
-TEACHER_REUSE = 2  # each rendered image is used in 2 consecutive steps (new augmentation and caption)
+TEACHER_STEPS = 2400
+TEACHER_BATCH = 128
+TEACHER_REUSE = 4  # each rendered image is used in 4 consecutive steps (new augmentation and caption)
 TEACHER_LR = 3e-3  # AdamW, betas (0.9, 0.98), eps 1e-6 as in CLIP; warmup then cosine to 0
-TEACHER_WARMUP = 150
+TEACHER_WARMUP = 100
 TEACHER_WD = 0.1  # on matrices/kernels only: not on biases, norms or the logit scale
 TEACHER_SCALE_LR = 1e-2  # own lr for the log logit scale (no weight decay), clamped to [0, ln 100]
 TEACHER_DATASET_STYLE_P = 0.8  # share of images in the four dataset styles (rest: EXTRA_STYLES)
 TEACHER_WORLD_CLASS_P = 0.7  # share of images showing a world class (rest: EXTRA_CLASSES): common objects
 
 STUDENT_SEED = 4321
-STUDENT_STEPS = 500
+STUDENT_STEPS = 800
 STUDENT_BATCH = 128
 STUDENT_REUSE = 2
 STUDENT_LR = 0.1  # SGD momentum 0.9, nesterov, weight decay 5e-4; warmup then cosine to 0
@@ -132,9 +134,10 @@ class RenderedBatches(IterableDataset):
     chunks k = id, id + n, ... and DataLoader interleaves them in order, so the stream does not depend on
     the number of workers."""
 
-    def __init__(self, kind: str, seed: int, n_chunks: int, batch_size: int, reuse: int = 1):
+    def __init__(self, kind: str, seed: int, n_chunks: int, batch_size: int, reuse: int = 1, start_chunk: int = 0):
         super().__init__()
         self.kind, self.seed, self.n_chunks, self.batch_size, self.reuse = kind, seed, n_chunks, batch_size, reuse
+        self.start_chunk = start_chunk
         norm = (world.CLIP_MEAN, world.CLIP_STD) if kind == "teacher" else (world.IMAGENET_MEAN, world.IMAGENET_STD)
         # light augmentation: the run is short, and strong augmentation slowed learning more than it helped
         aug = [transforms.RandomResizedCrop(world.IMAGE_SIZE, scale=(0.8, 1.0)), transforms.RandomHorizontalFlip()]
@@ -176,7 +179,7 @@ class RenderedBatches(IterableDataset):
     def __iter__(self) -> Iterator:
         info = torch.utils.data.get_worker_info()
         wid, nw = (0, 1) if info is None else (info.id, info.num_workers)
-        for k in range(wid, self.n_chunks, nw):
+        for k in range(self.start_chunk + wid, self.n_chunks, nw):
             yield self.make(k)
 
 
@@ -198,6 +201,42 @@ def _lr_factor(step: int, steps: int, warmup: int) -> float:
     if step < warmup:
         return (step + 1) / warmup
     return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+
+
+class _Resume:
+    """Training state saved about every ``RESUME_SECONDS`` next to the output, so that a build that is killed
+    continues where it stopped (batches are a pure function of the chunk index, so the continuation sees
+    the same data) instead of starting over."""
+
+    def __init__(self, out: Path, reuse: int, **tag):
+        self.path, self.reuse, self.last = out.with_suffix(".resume.pt"), reuse, time.time()
+        self.tag = {k: str(v) for k, v in dict(tag, reuse=reuse).items()}
+
+    def due(self, next_step: int, steps: int) -> bool:
+        return next_step % self.reuse == 0 and next_step < steps and time.time() - self.last > RESUME_SECONDS
+
+    def load(self, model, opt) -> Tuple[int, dict]:
+        if not self.path.is_file():
+            return 0, {}
+        state = torch.load(self.path, map_location="cpu", weights_only=True)
+        if state.get("tag") != self.tag:
+            return 0, {}
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        return int(state["step"]), state["extra"]
+
+    def save(self, step: int, model, opt, extra: dict) -> None:
+        tmp = self.path.with_suffix(".tmp")
+        torch.save({"tag": self.tag, "step": step, "model": model.state_dict(), "opt": opt.state_dict(),
+                    "extra": extra}, tmp)
+        os.replace(tmp, self.path)
+        self.last = time.time()
+
+    def done(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+RESUME_SECONDS = 60.0  # save the training state about once a minute, at a chunk boundary
 
 
 def _default_workers() -> int:
@@ -247,9 +286,15 @@ def train_teacher(steps: int = TEACHER_STEPS, batch_size: int = TEACHER_BATCH, s
     log(f"[teacher] {world.TEACHER_MODEL_NAME}: {n_params / 1e6:.2f}M params; {steps} steps x {batch_size} "
         f"captioned images rendered on the fly, each used {TEACHER_REUSE}x ({workers} data workers, "
         f"{torch.get_num_threads()} threads)")
-    t0, losses, first_loss = time.time(), [], None
-    ds = RenderedBatches("teacher", seed, math.ceil(steps / TEACHER_REUSE), batch_size, TEACHER_REUSE)
-    for step, (x, tok, caps) in enumerate(_batches(ds, workers)):
+    resume = _Resume(out, seed=seed, steps=steps, batch=batch_size, reuse=TEACHER_REUSE, lr=TEACHER_LR)
+    start, extra = resume.load(model, opt)
+    losses, before = extra.get("losses", []), extra.get("seconds", 0.0)
+    if start:
+        log(f"[teacher] resuming at step {start} from {resume.path}")
+    t0 = time.time() - before
+    ds = RenderedBatches("teacher", seed, math.ceil(steps / TEACHER_REUSE), batch_size, TEACHER_REUSE,
+                         start_chunk=start // TEACHER_REUSE)
+    for step, (x, tok, caps) in enumerate(_batches(ds, workers), start=start):
         if step == steps:
             break
         f = _lr_factor(step, steps, TEACHER_WARMUP)
@@ -266,14 +311,16 @@ def train_teacher(steps: int = TEACHER_STEPS, batch_size: int = TEACHER_BATCH, s
         with torch.no_grad():
             model.logit_scale.clamp_(0, math.log(100))
         losses.append(loss.item())
-        first_loss = losses[0] if first_loss is None else first_loss
         if step == 0:
             log(f"[teacher] example captions: {caps[:4]}")
         if step % 50 == 0 or step == steps - 1:
             el = time.time() - t0
             log(f"[teacher] step {step:4d}  loss {np.mean(losses[-50:]):.3f}  logit scale "
                 f"{model.logit_scale.exp().item():6.2f}  {el:5.0f}s  {(step + 1) * batch_size / el:5.0f} img/s")
+        if resume.due(step + 1, steps):
+            resume.save(step + 1, model, opt, {"losses": losses, "seconds": time.time() - t0})
     elapsed = time.time() - t0
+    first_loss = losses[0]
     stats = {"steps": steps, "batch_size": batch_size, "images_rendered": steps * batch_size // TEACHER_REUSE,
              "train_seconds": round(elapsed, 1), "loss_first": round(first_loss, 4),
              "loss_last50": round(float(np.mean(losses[-50:])), 4),
@@ -282,6 +329,7 @@ def train_teacher(steps: int = TEACHER_STEPS, batch_size: int = TEACHER_BATCH, s
     model.visual.to(memory_format=torch.contiguous_format)
     world.save_compact(model.state_dict(), out, metadata={"model": world.TEACHER_MODEL_NAME, "seed": str(seed),
                                                           **{k: str(v) for k, v in stats.items()}})
+    resume.done()
     log(f"[teacher] saved {out} ({out.stat().st_size / 1e6:.2f} MB): {stats}")
     return stats
 
@@ -320,9 +368,15 @@ def train_student(steps: int = STUDENT_STEPS, batch_size: int = STUDENT_BATCH, s
     log(f"[student] {world.STUDENT_ARCH}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params; "
         f"{steps} steps x {batch_size} photo-style images of {len(world.EXTRA_CLASSES)} extra classes; "
         f"validation {len(yv)} fixed images")
-    t0, losses, accs = time.time(), [], []
-    ds = RenderedBatches("student", seed, math.ceil(steps / STUDENT_REUSE), batch_size, STUDENT_REUSE)
-    for step, (x, y) in enumerate(_batches(ds, workers)):
+    resume = _Resume(out, seed=seed, steps=steps, batch=batch_size, reuse=STUDENT_REUSE, lr=STUDENT_LR)
+    start, extra = resume.load(model, opt)
+    losses, accs, before = extra.get("losses", []), extra.get("accs", []), extra.get("seconds", 0.0)
+    if start:
+        log(f"[student] resuming at step {start} from {resume.path}")
+    t0 = time.time() - before
+    ds = RenderedBatches("student", seed, math.ceil(steps / STUDENT_REUSE), batch_size, STUDENT_REUSE,
+                         start_chunk=start // STUDENT_REUSE)
+    for step, (x, y) in enumerate(_batches(ds, workers), start=start):
         if step == steps:
             break
         for g in opt.param_groups:
@@ -339,6 +393,8 @@ def train_student(steps: int = STUDENT_STEPS, batch_size: int = STUDENT_BATCH, s
         if step % 50 == 0 or step == steps - 1:
             log(f"[student] step {step:4d}  loss {np.mean(losses[-50:]):.3f}  train acc {np.mean(accs[-50:]):.3f}"
                 f"  {time.time() - t0:5.0f}s")
+        if resume.due(step + 1, steps):
+            resume.save(step + 1, model, opt, {"losses": losses, "accs": accs, "seconds": time.time() - t0})
     elapsed = time.time() - t0
     val = _accuracy(model, xv, yv)
     stats = {"steps": steps, "batch_size": batch_size, "train_seconds": round(elapsed, 1),
@@ -347,6 +403,7 @@ def train_student(steps: int = STUDENT_STEPS, batch_size: int = STUDENT_BATCH, s
     world.save_compact(model.state_dict(), out, metadata={
         "arch": world.STUDENT_ARCH, "classes": ",".join(world.EXTRA_CLASSES), "seed": str(seed),
         **{k: str(v) for k, v in stats.items()}})
+    resume.done()
     log(f"[student] saved {out} ({out.stat().st_size / 1e6:.2f} MB): {stats}")
     return stats
 
@@ -410,9 +467,9 @@ def format_zero_shot(res: Dict[str, Dict[str, float]]) -> List[str]:
     return lines
 
 
-def check(data_dir="data", log=print) -> Dict[str, Dict[str, float]]:
-    model, tokenizer = world.load_teacher()
-    log(f"[check] teacher {world.TEACHER_WEIGHTS.name}: logit scale {model.logit_scale.exp().item():.2f}; "
+def check(data_dir="data", weights=None, log=print) -> Dict[str, Dict[str, float]]:
+    model, tokenizer = world.load_teacher(weights)
+    log(f"[check] teacher {weights or world.TEACHER_WEIGHTS}: logit scale {model.logit_scale.exp().item():.2f}; "
         f"zero-shot with prompt {world.ZERO_SHOT_TEMPLATE.format('{class}')!r} on {data_dir}/{world.DATASET_DIRNAME}")
     res = zero_shot(model, tokenizer, data_dir)
     for line in format_zero_shot(res):
@@ -423,17 +480,19 @@ def check(data_dir="data", log=print) -> Dict[str, Dict[str, float]]:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def build(only: Optional[str] = None, data_dir="data") -> None:
+def build(only: Optional[str] = None, data_dir="data", out_dir: Path = world.ASSETS_DIR) -> None:
+    """Train the checkpoints into ``out_dir`` (default assets/), each with a log of its figures next to it."""
     torch.set_num_threads(max(1, min(4, (os.cpu_count() or 2) - 1)))
-    for name, fn, path in [("teacher", train_teacher, world.TEACHER_WEIGHTS),
-                           ("student", train_student, world.STUDENT_WEIGHTS)]:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name, fn, path in [("teacher", train_teacher, out_dir / world.TEACHER_WEIGHTS.name),
+                           ("student", train_student, out_dir / world.STUDENT_WEIGHTS.name)]:
         if only in (None, name):
-            log_path = path.with_suffix(".log")
-            with open(log_path, "w") as fh:
+            with open(path.with_suffix(".log"), "a" if path.with_suffix(".resume.pt").exists() else "w") as fh:
                 def log(msg, fh=fh):
                     print(msg, flush=True)
                     fh.write(msg + "\n")
                     fh.flush()
-                fn(log=log)
+                fn(out=path, log=log)
                 if name == "teacher":
-                    check(data_dir, log=log)
+                    check(data_dir, weights=path, log=log)

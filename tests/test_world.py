@@ -84,6 +84,23 @@ def test_crash_leaves_no_half_world(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == []
 
 
+# sha256 of the raw pixels of image 0 of every (env, class) of the current WORLD_VERSION
+WORLD_PIXEL_DIGEST = "289d0872e9b27f466248a510461c810551d8a169c7dd1dcd40d109b7b814de0d"
+
+
+def test_rendered_pixels_match_the_world_version():
+    """Fails when the renderer's output changes: then bump WORLD_VERSION (so generated worlds on disk are
+    replaced, not silently mixed) and record the new digest here; the teacher/student may need a rebuild."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for env in world.ENVIRONMENTS:
+        for ci in range(len(world.CLASSES)):
+            h.update(world.render(world.dataset_scene(env, ci, 0))[0].tobytes())
+    assert world.WORLD_VERSION == "embedded-world-v3"
+    assert h.hexdigest() == WORLD_PIXEL_DIGEST
+
+
 def test_nuisance_follows_env_mapping_with_its_strength():
     n = 300
     for env in world.ENVIRONMENTS:
@@ -159,6 +176,38 @@ def test_truncated_text_encoding_equals_open_clip():
     tok = open_clip.get_tokenizer(world.TEACHER_MODEL_NAME)(["a sketch of a red car on a striped background", "tree"])
     with torch.no_grad():
         assert torch.allclose(world_pretrain.encode_text_truncated(model, tok), model.encode_text(tok), atol=1e-5)
+
+
+def test_killed_pretraining_resumes_exactly(tmp_path, monkeypatch):
+    """A build killed mid-run continues from its saved state and ends with the same weights."""
+    from safetensors.torch import load_file
+
+    from scmd import world_pretrain as wp
+
+    monkeypatch.setattr(wp, "RESUME_SECONDS", 0.0)
+    monkeypatch.setattr(wp, "_student_val", lambda: (torch.zeros(2, 3, world.IMAGE_SIZE, world.IMAGE_SIZE),
+                                                     torch.zeros(2, dtype=torch.long)))
+    kw = dict(steps=4, batch_size=4, workers=0, log=lambda _m: None)
+    wp.train_student(out=tmp_path / "a.safetensors", **kw)
+
+    class Killed(Exception):
+        pass
+
+    real_save = wp._Resume.save
+
+    def save_then_die(self, *a, **k):
+        real_save(self, *a, **k)
+        raise Killed
+
+    monkeypatch.setattr(wp._Resume, "save", save_then_die)
+    with pytest.raises(Killed):
+        wp.train_student(out=tmp_path / "b.safetensors", **kw)
+    assert (tmp_path / "b.resume.pt").exists()
+    monkeypatch.setattr(wp._Resume, "save", real_save)
+    wp.train_student(out=tmp_path / "b.safetensors", **kw)
+    assert not (tmp_path / "b.resume.pt").exists()
+    a, b = load_file(str(tmp_path / "a.safetensors")), load_file(str(tmp_path / "b.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_captions_name_the_object():
