@@ -110,6 +110,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     g = p.add_argument_group("running")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     g.add_argument("--workers", type=int, default=None, help="data-loading worker processes per loader")
+    g.add_argument("--eval-splits", choices=["all", "selection"], default="all",
+                   help="all (DomainBed's records); selection: only what training-domain validation and the test "
+                        "accuracy use (training envs' out-splits, test env's splits), ~2.5x cheaper evaluations")
     g.add_argument("--save-every", type=int, default=None, help="checkpoint every N steps (default: every evaluation)")
     g.add_argument("--resume", choices=["auto", "yes", "no"], default="auto",
                    help="auto: continue an unfinished run found in the output folder")
@@ -641,6 +644,8 @@ def main(argv=None) -> int:
             in_idx = in_idx.copy()
             np.random.RandomState(seed_hash(args.trial_seed, e)).shuffle(in_idx)
         for name, idx in (("in", in_idx), ("out", out_idx)):
+            if args.eval_splits == "selection" and name == "in" and e != args.test_env:
+                continue  # only reported, never used for selection
             augmented = e != args.test_env  # DomainBed quirk: training envs are validated on augmented images
             tf = D.train_transform(image_size) if augmented else D.eval_transform(image_size)
             split = D.EvalSplit(store, e, idx, tf, augmented, args.seed, f"env{e}_{name}")
@@ -826,7 +831,7 @@ def run_fingerprint(args, hparams) -> dict:
     keys = ["dataset", "algorithm", "test_env", "steps", "checkpoint_freq", "seed", "trial_seed", "hparams_seed",
             "holdout_fraction", "student", "student_weights", "teacher", "teacher_weights", "selection_horizon",
             "teacher_renorm", "prompt", "select_per_domain", "allow_truncated_images", "image_size",
-            "world_per_class"]
+            "world_per_class", "eval_splits"]
     fp = {k: getattr(args, k) for k in keys}
     fp["hparams"] = json.dumps(hparams, sort_keys=True)
     return fp

@@ -34,7 +34,7 @@ def run_one(a, e, s, args) -> dict:
     if not (out / "done").exists():
         cmd = [sys.executable, str(ROOT / "scmd_ref.py"), "--dataset", "embedded", "--algorithm", a, "--test-env",
                str(e), "--seed", str(s), "--trial-seed", str(s), "--output-dir", str(out), "--no-progress",
-               "--data-dir", args.data_dir]
+               "--data-dir", args.data_dir, "--eval-splits", args.eval_splits]
         if args.steps:
             cmd += ["--steps", str(args.steps)]
         env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
@@ -59,6 +59,9 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=None, help="default: the world's default run length")
     p.add_argument("--parallel", type=int, default=2, help="runs at once")
     p.add_argument("--threads", type=int, default=1, help="torch threads per run")
+    p.add_argument("--eval-splits", choices=["all", "selection"], default="selection",
+                   help="scmd_ref.py --eval-splits; 'selection' skips the training envs' in-splits, which the "
+                        "test accuracy never uses (same training, same selected step)")
     p.add_argument("--data-dir", default=str(ROOT / "data"))
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "embedded"))
     args = p.parse_args()

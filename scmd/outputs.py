@@ -167,7 +167,9 @@ def format_table(envs: List[str], test_env: int, selected: dict, teacher_acc: Op
     for i, e in enumerate(envs):
         role = "TEST" if i == test_env else "train"
         t = f"{100 * teacher_acc[i]:>12.1f}%" if teacher_acc is not None else f"{'-':>13}"
-        rows.append(f"{e:<16} {role:<6} {100 * rec[f'env{i}_in_acc']:>6.1f}% {100 * rec[f'env{i}_out_acc']:>7.1f}% {t}")
+        in_acc = rec.get(f"env{i}_in_acc")  # absent for training envs under --eval-splits selection
+        in_s = f"{100 * in_acc:>6.1f}%" if in_acc is not None else f"{'-':>7}"
+        rows.append(f"{e:<16} {role:<6} {in_s} {100 * rec[f'env{i}_out_acc']:>7.1f}% {t}")
     rows.append(
         f"selected step {rec['step']} (training-domain validation acc {100 * selected['val_acc']:.1f}%); "
         f"test-domain accuracy {100 * rec[f'env{test_env}_in_acc']:.1f}% ({envs[test_env]}, in-split)"

@@ -99,6 +99,27 @@ def test_fastsel_and_torch_selectors_give_the_same_run(tmp_path, data_dir, capsy
     assert ha["domains"] == hb["domains"]
 
 
+def test_eval_splits_selection_skips_only_reported_splits_and_changes_no_result(tmp_path, data_dir, capsys):
+    """--eval-splits selection drops the training envs' in-splits (reported, never used by training-domain
+    validation); training, the other accuracies and the selected step are those of the full evaluation."""
+    outs = {}
+    for mode in ("all", "selection"):
+        outs[mode] = tmp_path / mode
+        code, err = run_cli(["--data-dir", str(data_dir), "--output-dir", str(outs[mode]), "--eval-splits", mode,
+                             "--test-env", "2", *QUICK], capsys)
+        assert code == 0, err
+    full, cheap = records(outs["all"]), records(outs["selection"])
+    for rf, rc in zip(full, cheap, strict=True):
+        acc_keys = {k for k in rc if k.endswith("_acc")}
+        assert acc_keys == {"env0_out_acc", "env1_out_acc", "env2_in_acc", "env2_out_acc", "env3_out_acc"}
+        assert all(rc[k] == rf[k] for k in acc_keys) and rc["loss"] == rf["loss"]
+    a = torch.load(outs["all"] / "checkpoint_last.pt", weights_only=True)["trainer"]
+    b = torch.load(outs["selection"] / "checkpoint_last.pt", weights_only=True)["trainer"]
+    assert all(torch.equal(a["sma"][k], b["sma"][k]) for k in a["sma"])
+    sa, sb = (json.loads((outs[m] / "summary.json").read_text()) for m in ("all", "selection"))
+    assert (sa["selected_step"], sa["test_acc"]) == (sb["selected_step"], sb["test_acc"])
+
+
 # ---------------------------------------------------------------------------------------------------------
 # bad inputs
 
