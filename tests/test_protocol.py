@@ -36,6 +36,13 @@ def test_default_hparams_are_the_scmd_defaults():
                   "lr": 5e-5, "weight_decay": 0.0, "batch_size": 32, "resnet_dropout": 0.0}
 
 
+def test_embedded_world_gets_a_small_image_lr_and_nothing_else_changes():
+    emb, vlcs = make_hparams("embedded", 0, 0), make_hparams("vlcs", 0, 0)
+    assert emb["lr"] == 3e-4 and {k: v for k, v in emb.items() if k != "lr"} == {
+        k: v for k, v in vlcs.items() if k != "lr"}
+    assert {make_hparams("embedded", s, 0)["lr"] for s in range(1, 30)} == {1.8e-4, 3e-4}
+
+
 def test_random_hparams_vector():
     # spec 8.3: SCMD, VLCS, hparams_seed 1, trial 0
     hp = make_hparams("vlcs", 1, 0)
