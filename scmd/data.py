@@ -246,12 +246,6 @@ class _OwnRng:
         return tf(img)
 
 
-def _augment(tf, img: Image.Image, seed: int) -> torch.Tensor:
-    """Apply a (random) transform with its own RNG seed, leaving the global RNG untouched."""
-    with _OwnRng() as rng:
-        return rng.augment(tf, img, seed)
-
-
 # ---------------------------------------------------------------------------------------------------------
 # Loaders (spec 8.4)
 
