@@ -3,12 +3,13 @@
     python bench/embedded_benchmark.py                      # 5 algorithms x 4 domains x 3 seeds
     python bench/embedded_benchmark.py --seeds 0 1 2 3 4 --parallel 2 --steps 1000
 
-Each run is `scmd_ref.py --dataset embedded --algorithm A --test-env E --seed S --trial-seed S` in its own
-output folder (finished runs are reused, so an interrupted benchmark continues). The test accuracy of a run is
-DomainBed's training-domain validation choice: the held-out domain's in-split accuracy at the record with the
-best mean out-split accuracy over the source domains. The table gives mean +- standard error over seeds
-(np.std(ddof=0)/sqrt(n), DomainBed's convention) per held-out domain and for the mean over domains; the last
-block compares each algorithm with ERM paired by (domain, seed). Writes JSON and a PNG next to the runs.
+Each run is `scmd_ref.py --dataset embedded --algorithm A --test-env E --seed S --trial-seed S --eval-splits
+selection` in its own output folder (finished runs are reused, so an interrupted benchmark continues). The test
+accuracy of a run is DomainBed's training-domain validation choice: the held-out domain's in-split accuracy at
+the record with the best mean out-split accuracy over the source domains. The table gives mean +- standard error
+over seeds (np.std(ddof=0)/sqrt(n), DomainBed's convention) per held-out domain, for the mean over domains and
+for the source domains' out-split accuracy at the selected step; the last block compares each algorithm with
+ERM paired by (domain, seed). Writes JSON and a PNG next to the runs.
 """
 
 from __future__ import annotations
