@@ -72,10 +72,6 @@ STUDENT_WEIGHTS = ASSETS_DIR / "embedded_student.safetensors"
 STUDENT_WIDTHS = (32, 64, 128, 256)
 STUDENT_ARCH = "narrow-resnet18-" + "-".join(map(str, STUDENT_WIDTHS))
 ZERO_SHOT_TEMPLATE = "this is a photo of a {}"
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 # Extra object classes: never in the dataset as labels. The teacher learns them too (web-scale CLIP
 # knows far more concepts than any DG dataset); the student is pretrained on them only (stand-in for

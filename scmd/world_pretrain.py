@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, IterableDataset
 from torchvision import transforms
 
+from scmd import data as D
 from scmd import world
 
 # ---------------------------------------------------------------------------------------------------------
@@ -138,7 +139,7 @@ class RenderedBatches(IterableDataset):
         super().__init__()
         self.kind, self.seed, self.n_chunks, self.batch_size, self.reuse = kind, seed, n_chunks, batch_size, reuse
         self.start_chunk = start_chunk
-        norm = (world.CLIP_MEAN, world.CLIP_STD) if kind == "teacher" else (world.IMAGENET_MEAN, world.IMAGENET_STD)
+        norm = (D.CLIP_MEAN, D.CLIP_STD) if kind == "teacher" else (D.IMAGENET_MEAN, D.IMAGENET_STD)
         # light augmentation: the run is short, and strong augmentation slowed learning more than it helped
         aug = [transforms.RandomResizedCrop(world.IMAGE_SIZE, scale=(0.8, 1.0)), transforms.RandomHorizontalFlip()]
         if kind == "teacher":
@@ -339,7 +340,7 @@ def train_teacher(steps: int = TEACHER_STEPS, batch_size: int = TEACHER_BATCH, s
 
 
 def _student_val(batch_per_class: int = STUDENT_VAL_PER_CLASS):
-    tf = transforms.Compose([transforms.ToTensor(), transforms.Normalize(world.IMAGENET_MEAN, world.IMAGENET_STD)])
+    tf = D.eval_transform(world.IMAGE_SIZE)
     xs, ys = [], []
     for y, cls in enumerate(world.EXTRA_CLASSES):
         for i in range(batch_per_class):
@@ -435,14 +436,10 @@ def zero_shot(model, tokenizer, data_dir, envs: Sequence[str] = tuple(world.ENVI
     txt = F.normalize(model.encode_text(tokenizer(prompts)), dim=-1)
     scale = model.logit_scale.exp()
     size = world.IMAGE_SIZE
-    tfs = {
-        "clip": transforms.Compose([transforms.ToTensor(), transforms.Normalize(world.CLIP_MEAN, world.CLIP_STD)]),
-        "imagenet": transforms.Compose([transforms.ToTensor(),
-                                        transforms.Normalize(world.IMAGENET_MEAN, world.IMAGENET_STD)]),
-        "imagenet_trainaug": transforms.Compose([  # DomainBed's training transform (spec 8.2)
-            transforms.RandomResizedCrop(size, scale=(0.7, 1.0)), transforms.RandomHorizontalFlip(),
-            transforms.ColorJitter(0.3, 0.3, 0.3, 0.3), transforms.RandomGrayscale(),
-            transforms.ToTensor(), transforms.Normalize(world.IMAGENET_MEAN, world.IMAGENET_STD)]),
+    tfs = {  # the resize in eval_transform is a no-op on the world's 64 px images
+        "clip": D.eval_transform(size, D.CLIP_MEAN, D.CLIP_STD),
+        "imagenet": D.eval_transform(size),
+        "imagenet_trainaug": D.train_transform(size),  # DomainBed's training transform (spec 8.2)
     }
     res: Dict[str, Dict[str, float]] = {}
     for env in envs:
