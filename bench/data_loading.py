@@ -43,8 +43,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dataset-root", default=None,
                    help="a DomainBed-layout dataset folder (<env>/<class>/<image>) to read instead of the world")
     p.add_argument("--n-per-class", type=int, default=None,
-                   help="generate/use a partial world (the first N images of every env/class); use its own "
-                        "--data-dir, a partial world replaces a full one in the same folder")
+                   help="generate/use a partial world (the first N images of every env/class), in its own "
+                        "folder embedded_world_n<N> beside the full one")
     p.add_argument("--image-size", type=int, default=None, help="default: world 64 px, --dataset-root 224 px")
     p.add_argument("--preload", choices=["auto", "yes", "no"], default="auto",
                    help="decode all images into memory first (auto: yes for the world, as the loop; no otherwise)")

@@ -763,20 +763,27 @@ def png_bytes(img: Image.Image) -> bytes:
     return buf.getvalue()
 
 
+def dataset_dirname(n_per_class: Optional[int] = None) -> str:
+    """The full world's folder, or ``embedded_world_n<N>`` for a subset, so that runs of different sizes
+    sharing a --data-dir never replace each other's images (a run may still be reading them)."""
+    return DATASET_DIRNAME if n_per_class is None else f"{DATASET_DIRNAME}_n{n_per_class}"
+
+
 def ensure_dataset(data_dir: Union[str, Path], progress: bool = True, n_per_class: Optional[int] = None) -> Path:
     """Generate ``<data_dir>/embedded_world/<env>/<class>/<index>.png`` unless a complete copy of this
-    version is there; return the dataset folder. ``n_per_class`` (tests) writes only the first n images
-    of every (env, class); those are the same images as in the full world.
+    version is there; return the dataset folder. ``n_per_class`` (tests, quick checks) writes only the first
+    n images of every (env, class), the same images as in the full world, into ``embedded_world_n<n>``.
 
     Generation writes into a temporary sibling folder that is renamed into place only when complete (the
     marker file is its last file), so an interrupted run never leaves a half world behind, and a stale
     or partial folder is replaced."""
     data_dir = Path(data_dir)
-    root = data_dir / DATASET_DIRNAME
+    name = dataset_dirname(n_per_class)
+    root = data_dir / name
     if _is_complete(root, n_per_class):
         return root
     data_dir.mkdir(parents=True, exist_ok=True)
-    tmp = data_dir / f".{DATASET_DIRNAME}.tmp-{os.getpid()}"
+    tmp = data_dir / f".{name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     jobs = [(env, ci, i) for env in ENVIRONMENTS for ci, cls in enumerate(CLASSES)
             for i in range(class_count(env, cls) if n_per_class is None else n_per_class)]
@@ -786,7 +793,7 @@ def ensure_dataset(data_dir: Union[str, Path], progress: bool = True, n_per_clas
         for env in ENVIRONMENTS:
             for cls in CLASSES:
                 (tmp / env / cls).mkdir(parents=True)
-        for env, ci, i in tqdm(jobs, desc=f"generating {DATASET_DIRNAME}", unit="img", disable=not progress,
+        for env, ci, i in tqdm(jobs, desc=f"generating {name}", unit="img", disable=not progress,
                                mininterval=1.0):
             img, _ = render(dataset_scene(env, ci, i))
             (tmp / env / CLASSES[ci] / f"{i:05d}.png").write_bytes(png_bytes(img))
@@ -795,7 +802,7 @@ def ensure_dataset(data_dir: Union[str, Path], progress: bool = True, n_per_clas
             shutil.rmtree(tmp)
             return root
         if root.exists():  # stale or partial: move aside, then swap in the new world
-            old = data_dir / f".{DATASET_DIRNAME}.old-{os.getpid()}"
+            old = data_dir / f".{name}.old-{os.getpid()}"
             root.rename(old)
             shutil.rmtree(old, ignore_errors=True)
         tmp.rename(root)

@@ -32,7 +32,7 @@ def test_names_are_sorted_and_domainbed_friendly():
 def test_generation_is_deterministic_and_in_domainbed_layout(tmp_path):
     a = world.ensure_dataset(tmp_path / "a", progress=False, n_per_class=2)
     b = world.ensure_dataset(tmp_path / "b", progress=False, n_per_class=2)
-    assert a == tmp_path / "a" / world.DATASET_DIRNAME
+    assert a == tmp_path / "a" / f"{world.DATASET_DIRNAME}_n2"  # a subset never takes the full world's folder
     fa, fb = _files(a), _files(b)
     assert fa == fb  # same bytes
     envs = sorted(e.name for e in os.scandir(a) if e.is_dir())
