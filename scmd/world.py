@@ -909,8 +909,9 @@ def build_student(weights: Union[str, Path, None] = STUDENT_WEIGHTS):
 
 def save_compact(state: dict, path: Path, metadata: Optional[Dict[str, str]] = None) -> None:
     """safetensors with matrices/kernels in fp16 and vectors/scalars (biases, norms, logit scale) in fp32."""
-    import torch
-    from safetensors.torch import save_file
+    from safetensors.torch import save
+
+    from scmd.outputs import atomic_write_bytes
 
     out = {}
     for k, v in state.items():
@@ -919,10 +920,7 @@ def save_compact(state: dict, path: Path, metadata: Optional[Dict[str, str]] = N
             v = v.half() if v.dim() >= 2 else v.float()
         out[k] = v
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    save_file(out, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
-    assert all(isinstance(t, torch.Tensor) for t in out.values())
+    atomic_write_bytes(path, save(out, metadata=metadata))
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -30,6 +30,7 @@ from torchvision import transforms
 
 from scmd import data as D
 from scmd import world
+from scmd.outputs import atomic_torch_save
 
 # ---------------------------------------------------------------------------------------------------------
 # Settings (fixed; `build` is deterministic up to floating-point thread scheduling)
@@ -227,10 +228,8 @@ class _Resume:
         return int(state["step"]), state["extra"]
 
     def save(self, step: int, model, opt, extra: dict) -> None:
-        tmp = self.path.with_suffix(".tmp")
-        torch.save({"tag": self.tag, "step": step, "model": model.state_dict(), "opt": opt.state_dict(),
-                    "extra": extra}, tmp)
-        os.replace(tmp, self.path)
+        atomic_torch_save({"tag": self.tag, "step": step, "model": model.state_dict(), "opt": opt.state_dict(),
+                           "extra": extra}, self.path)
         self.last = time.time()
 
     def done(self) -> None:
@@ -414,13 +413,10 @@ def train_student(steps: int = STUDENT_STEPS, batch_size: int = STUDENT_BATCH, s
 
 
 def _load_env(root: Path, env: str, tf) -> Tuple[torch.Tensor, torch.Tensor]:
-    from PIL import Image
-
     xs, ys = [], []
     for y, cls in enumerate(world.CLASSES):
         for p in sorted((root / env / cls).glob("*.png")):
-            with Image.open(p) as im:
-                xs.append(tf(im.convert("RGB")))
+            xs.append(tf(D.load_rgb(str(p))))
             ys.append(y)
     return torch.stack(xs), torch.tensor(ys)
 
