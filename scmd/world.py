@@ -80,7 +80,7 @@ EXTRA_CLASSES = [
     "apple", "arrow", "balloon", "bell", "bottle", "candle", "clock", "cloud", "cup", "heart", "key",
     "kite", "ladder", "lightning", "moon", "rocket", "snowman", "star", "sun", "tent", "umbrella",
 ]
-DATASET_STYLES = ["cartoon", "painting", "photo", "sketch"]
+DATASET_STYLES = list(ENVIRONMENTS)  # one style per env
 # styles only the teacher sees in pretraining (CLIP's web data has far more depictions than PACS)
 EXTRA_STYLES = ["pixel_art", "silhouette", "neon", "blueprint", "mosaic", "bw_photo", "watercolor"]
 
@@ -184,7 +184,7 @@ def _flower(r):
     k = r.randint(5, 9)
     cy, pr = -0.38, r.uniform(0.22, 0.3)
     a0 = r.uniform(0, 2 * math.pi)
-    petals = [ell(cy * 0 + pr * math.cos(a0 + 2 * math.pi * i / k), cy + pr * math.sin(a0 + 2 * math.pi * i / k),
+    petals = [ell(pr * math.cos(a0 + 2 * math.pi * i / k), cy + pr * math.sin(a0 + 2 * math.pi * i / k),
                   0.24, 0.13, rot=a0 + 2 * math.pi * i / k) for i in range(k)]
     sway = r.uniform(-0.15, 0.15)
     return [P("green", ell(0.22, 0.55, 0.22, 0.09, rot=-0.6),
@@ -638,7 +638,6 @@ def render(scene: Scene) -> Tuple[Image.Image, Dict[str, str]]:
         _draw_object(canvas, dparts, base_style, r, ink)
 
     parts, main_rgb = _random_parts(scene.cls, r, (0.5, 0.8), bg_hue)
-    union = Image.new("L", (_N, _N), 0)
     if base_style in ("photo", "painting"):  # drop shadow
         union = _union(parts)
         dx, dy = (r.uniform(-1, 1, 2) * 4 * SS).astype(int).tolist()
