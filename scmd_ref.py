@@ -38,6 +38,7 @@ import torch.nn.functional as F
 
 from scmd import data as D
 from scmd import outputs as O
+from scmd import world
 from scmd.errors import DataError, RunFault, ScmdError, UsageError, one_line
 from scmd.hparams import make_hparams, seed_hash
 
@@ -69,14 +70,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     g = p.add_argument_group("protocol (DomainBed)")
     g.add_argument("--dataset", default="embedded",
-                   help="embedded (offline synthetic world), vlcs, pacs, officehome, terraincognita, domainnet")
+                   help="embedded (offline synthetic world), vlcs, pacs, officehome, terraincognita, domainnet;\n"
+                        "its defaults (steps, evaluation, image size, models): its entry in scmd.data.DATASETS")
     g.add_argument("--data-dir", default="./data", help="folder holding the dataset folders (DomainBed layout)")
     g.add_argument("--output-dir", default=None,
-                   help="default: outputs/<dataset>_<algorithm>_te<env>_h<hp>_t<trial>_s<seed>")
+                   help="default: outputs/<dataset>_<algorithm>_te<env>_h<hp>_t<trial>_s<seed>_<hash of the "
+                        "settings>")
     g.add_argument("--test-env", "--test_envs", "--test-envs", dest="test_env", type=int, nargs="+", default=None,
                    help="index of the held-out domain (one; default 0)")
     g.add_argument("--algorithm", default="scmd", help=f"one of {', '.join(ALGORITHMS)}")
-    g.add_argument("--steps", type=int, default=None, help="training steps (default 5001; embedded world: its own)")
+    g.add_argument("--steps", type=int, default=None, help="training steps (default 5001)")
     g.add_argument("--checkpoint-freq", "--checkpoint_freq", dest="checkpoint_freq", type=int, default=None,
                    help="evaluate every N steps (default 300, DomainNet 1000)")
     g.add_argument("--seed", type=int, default=0, help="run seed (model init, sampling, augmentation)")
@@ -86,10 +89,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="0: SCMD defaults; otherwise a random-search draw")
     g.add_argument("--hparams", default=None, help='JSON overrides, e.g. \'{"lr": 3e-5, "worst_case_p": 0.25}\'')
     g.add_argument("--world-per-class", type=int, default=None,
-                   help="embedded world only: images per (domain, class) instead of the full world (quick checks)")
+                   help="generated datasets only (the embedded world): images per (domain, class) instead of the "
+                        "full set (quick checks)")
     g.add_argument("--holdout-fraction", "--holdout_fraction", dest="holdout_fraction", type=float, default=0.2)
     g = p.add_argument_group("models")
-    g.add_argument("--student", default=None, help="resnet50 (default) or resnet18; embedded world: its narrow ResNet")
+    g.add_argument("--student", default=None,
+                   help=f"resnet50 (default), resnet18, or {world.STUDENT_NAME} (the embedded world's)")
     g.add_argument("--student-weights", default=None,
                    help="v2 (ResNet-50 DEFAULT, as the authors), v1 (as DomainBed), none, or a state_dict file")
     g.add_argument("--teacher", default=None, help="open_clip model name (default ViT-B-32-quickgelu)")
@@ -98,10 +103,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     g = p.add_argument_group("SCMD variants (defaults reproduce the authors' code)")
     g.add_argument("--selection-horizon", default=None,
                    help="N in the cut-off int(N*(1-last_k_epoch)); default 5000 as the authors' code, 'steps' for "
-                        "the real step count (default 'steps' on the embedded world)")
+                        "the real step count")
     g.add_argument("--teacher-renorm", action="store_true",
                    help="feed the teacher CLIP-normalised images (the authors feed the ImageNet-normalised tensor)")
-    g.add_argument("--image-size", type=int, default=None, help="input size (default 224; embedded world: its own)")
+    g.add_argument("--image-size", type=int, default=None, help="input size (default: the dataset's; 224 on real data)")
     g.add_argument("--prompt", default=SCMD_PROMPT, help=f"class prompt template (default {SCMD_PROMPT!r})")
     g.add_argument("--selector", default="auto", choices=["auto", "fastsel", "torch"],
                    help="who ranks the losses: fastsel (Rust, CPU) or the torch reference; auto = fastsel if built")
@@ -127,8 +132,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def resolve_settings(args: argparse.Namespace) -> argparse.Namespace:
     """Check arguments and fill dataset-dependent defaults; every problem is one clear UsageError."""
-    known = ["embedded", *D.DATASETS]
-    args.dataset = D.canonical_dataset(args.dataset, known)
+    args.dataset = D.canonical_dataset(args.dataset, list(D.DATASETS))
     if args.algorithm not in ALGORITHMS:
         raise UsageError(f"unknown --algorithm {args.algorithm!r}; choose one of: {', '.join(ALGORITHMS)}")
     if args.test_env is None:
@@ -136,20 +140,11 @@ def resolve_settings(args: argparse.Namespace) -> argparse.Namespace:
     if len(args.test_env) != 1:
         raise UsageError(f"SCMD holds out exactly one domain; got --test-env {args.test_env}")
     args.test_env = args.test_env[0]
-    embedded = args.dataset == "embedded"
-    if embedded:
-        from scmd import world
-
-        default_steps, default_freq = world.DEFAULT_STEPS, world.DEFAULT_CHECKPOINT_FREQ
-        args.student = args.student or "world-resnet18-narrow"
-        args.teacher = args.teacher or world.TEACHER_MODEL_NAME
-        args.selection_horizon = args.selection_horizon or "steps"
-    else:
-        info = D.DATASETS[args.dataset]
-        default_steps, default_freq = info.steps, info.checkpoint_freq
-        args.student = args.student or "resnet50"
-        args.teacher = args.teacher or "ViT-B-32-quickgelu"
-        args.selection_horizon = args.selection_horizon or "5000"
+    info = D.DATASETS[args.dataset]  # the dataset's protocol and defaults
+    default_steps, default_freq = info.steps, info.checkpoint_freq
+    args.student = args.student or info.student
+    args.teacher = args.teacher or info.teacher
+    args.selection_horizon = args.selection_horizon or "5000"
     args.steps = default_steps if args.steps is None else args.steps
     args.checkpoint_freq = args.checkpoint_freq or default_freq
     args.save_every = args.save_every or args.checkpoint_freq
@@ -165,8 +160,9 @@ def resolve_settings(args: argparse.Namespace) -> argparse.Namespace:
         except ValueError:
             raise UsageError(f"--selection-horizon must be an integer or 'steps', got {args.selection_horizon!r}") \
                 from None
-    if args.world_per_class is not None and (not embedded or args.world_per_class < 5):
-        raise UsageError("--world-per-class applies to the embedded world only and needs >= 5 images per class")
+    if args.world_per_class is not None and (info.generate is None or args.world_per_class < 5):
+        raise UsageError("--world-per-class applies to generated datasets only (--dataset embedded) and needs >= 5 "
+                         "images per class")
     if not 0.0 <= args.holdout_fraction < 1.0:
         raise UsageError(f"--holdout-fraction must be in [0, 1), got {args.holdout_fraction}")
     if args.prompt.count("{}") != 1:
@@ -183,10 +179,7 @@ def resolve_settings(args: argparse.Namespace) -> argparse.Namespace:
     elif args.device.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError(f"--device {args.device}: no CUDA device is available here; use --device cpu")
     if args.workers is None:
-        args.workers = 0 if embedded else min(4, os.cpu_count() or 1)
-    if args.output_dir is None:
-        args.output_dir = (f"outputs/{args.dataset}_{args.algorithm}_te{args.test_env}_h{args.hparams_seed}"
-                           f"_t{args.trial_seed}_s{args.seed}")
+        args.workers = 0 if info.in_memory else min(4, os.cpu_count() or 1)
     return args
 
 
@@ -258,24 +251,20 @@ class Teacher(nn.Module):
 def build_student(args, n_classes: int, dropout: float) -> Student:
     import torchvision
 
-    if args.dataset == "embedded":
-        from scmd import world
-
-        weights = args.student_weights
-        if weights in (None, "v2", "v1", "default"):
-            weights = world.STUDENT_WEIGHTS
-        elif weights == "none":
-            weights = None
+    if args.student == world.STUDENT_NAME:  # the embedded world's narrow ResNet-18 (its own weights file)
+        weights = args.student_weights or D.DATASETS[args.dataset].student_weights
+        if weights in ("v1", "v2"):
+            raise UsageError(f"--student {world.STUDENT_NAME} has no torchvision weights; pass a file or none")
         try:
-            backbone = world.build_student(weights)
+            backbone = world.build_student(None if weights == "none" else weights)
         except (OSError, ValueError) as e:
             raise DataError(f"student weights: {e}") from None
         return Student(backbone, n_classes, dropout)
     if args.student not in ("resnet50", "resnet18"):
-        raise UsageError(f"--student must be resnet50 or resnet18, got {args.student!r}")
+        raise UsageError(f"--student must be resnet50, resnet18 or {world.STUDENT_NAME}, got {args.student!r}")
     ctor = getattr(torchvision.models, args.student)
     enum = torchvision.models.ResNet50_Weights if args.student == "resnet50" else torchvision.models.ResNet18_Weights
-    w = args.student_weights or "v2"
+    w = args.student_weights or D.DATASETS[args.dataset].student_weights
     if w in ("v1", "v2"):
         tag = "IMAGENET1K_V2" if w == "v2" else "IMAGENET1K_V1"
         if not hasattr(enum, tag):
@@ -330,13 +319,8 @@ def load_clip(args, device) -> nn.Module:
     """The frozen open_clip teacher: a named model with an open_clip pretrained tag or a local weights file."""
     import open_clip
 
-    from scmd import world
-
     world.register_teacher_config()  # the embedded world's tiny CLIP is an open_clip model name like any other
-    if args.dataset == "embedded":
-        pretrained = args.teacher_weights or str(world.TEACHER_WEIGHTS)
-    else:
-        pretrained = args.teacher_weights or "openai"
+    pretrained = args.teacher_weights or D.DATASETS[args.dataset].teacher_weights
     if pretrained == "none":
         pretrained = None  # random init: for timing and tests only
     elif os.path.sep in pretrained or pretrained.endswith((".pt", ".bin", ".safetensors", ".pth")):
@@ -582,16 +566,17 @@ def accuracy(net, loader, device) -> float:
 
 
 @torch.no_grad()
-def teacher_zero_shot(args, clip, index, device) -> list:
+def teacher_zero_shot(args, clip, index, store, device) -> list:
     """The teacher's zero-shot accuracy per domain, as the paper's Table 1 teacher row: clean images
     (no augmentation), CLIP normalisation, prompt 'a photo of a {}'."""
     tokens = tokenize(args, class_prompts(ZERO_SHOT_PROMPT, index.classes)).to(device)
     t_hat = F.normalize(clip.encode_text(tokens).float(), dim=-1)
-    tf = D.eval_transform(open_clip_image_size(clip), D.CLIP_MEAN, D.CLIP_STD)
-    store = D.ImageStore(index, preload=False, allow_truncated=args.allow_truncated_images)
+    size = open_clip_image_size(clip)
+    tf = D.eval_transform(size, D.CLIP_MEAN, D.CLIP_STD)
     accs = []
     for e in range(len(index.envs)):
-        split = D.EvalSplit(store, e, np.arange(len(index.paths[e])), tf, augmented=False, seed=0, name=f"t{e}")
+        split = D.EvalSplit(store, e, np.arange(len(index.paths[e])), tf, augmented=False, seed=0, name=f"t{e}",
+                            size=size, mean=D.CLIP_MEAN, std=D.CLIP_STD)
         correct = 0
         for x, y in D.eval_loader(split, 128, args.workers):
             z = F.normalize(clip.encode_image(x.to(device)).float(), dim=-1) @ t_hat.T
@@ -612,12 +597,18 @@ def open_clip_image_size(clip) -> int:
 
 def main(argv=None) -> int:
     args = resolve_settings(parse_args(argv))
-    hparams = make_hparams(args.dataset, args.hparams_seed, args.trial_seed, args.hparams)
+    hparams = make_hparams(args.dataset, args.hparams_seed, args.trial_seed, args.hparams,
+                           lr=D.DATASETS[args.dataset].lr)
+    fingerprint = run_fingerprint(args, hparams)
+    if args.output_dir is None:  # the default name covers every setting that changes the result
+        args.output_dir = (f"outputs/{args.dataset}_{args.algorithm}_te{args.test_env}_h{args.hparams_seed}"
+                           f"_t{args.trial_seed}_s{args.seed}_{O.fingerprint_hash(fingerprint)}")
     out = Path(args.output_dir)
     O.prepare_output_dir(out)
     if (out / O.DONE).exists() and args.resume != "no":
-        print(f"[scmd] {out} holds a finished run ('done' exists); pass --resume no or another --output-dir "
-              f"to run again", file=sys.stderr)
+        O.check_finished_run(out, fingerprint)  # a finished run is reused only if made with these settings
+        print(f"[scmd] {out} holds a finished run with these settings; pass --resume no or another "
+              f"--output-dir to run again", file=sys.stderr)
         return 0
 
     # --- seeding (as DomainBed's train script) ---------------------------------------------------------------
@@ -635,8 +626,8 @@ def main(argv=None) -> int:
     n_envs, class_names = len(index.envs), index.classes
     train_envs = [e for e in range(n_envs) if e != args.test_env]
     image_size = image_size_for(args)
-    preload = args.dataset == "embedded"
-    store = D.ImageStore(index, preload=preload, allow_truncated=args.allow_truncated_images)
+    in_memory = D.DATASETS[args.dataset].in_memory
+    store = D.ImageStore(index, preload=in_memory, allow_truncated=args.allow_truncated_images, as_tensors=in_memory)
     splits = [D.in_out_split(len(index.paths[e]), args.holdout_fraction, args.trial_seed, e) for e in range(n_envs)]
     eval_loaders = []
     for e in range(n_envs):
@@ -649,7 +640,7 @@ def main(argv=None) -> int:
                 continue  # only reported, never used for selection
             augmented = e != args.test_env  # DomainBed quirk: training envs are validated on augmented images
             tf = D.train_transform(image_size) if augmented else D.eval_transform(image_size)
-            split = D.EvalSplit(store, e, idx, tf, augmented, args.seed, f"env{e}_{name}")
+            split = D.EvalSplit(store, e, idx, tf, augmented, args.seed, f"env{e}_{name}", image_size)
             eval_loaders.append((f"env{e}_{name}", D.eval_loader(split, 64, args.workers)))
 
     # --- models, selector, tracker -------------------------------------------------------------------
@@ -667,7 +658,6 @@ def main(argv=None) -> int:
     trainer = SCMDTrainer(args, hparams, student, teacher, n_envs, selector, device)
 
     # --- resume ------------------------------------------------------------------------------------------
-    fingerprint = run_fingerprint(args, hparams)
     O.remove_stale_temps(out)
     start_step, records, window = 0, [], None
     ckpt = O.load_checkpoint(out / O.CKPT_LAST) if args.resume != "no" else None
@@ -694,7 +684,7 @@ def main(argv=None) -> int:
     if ckpt is not None:
         teacher_acc = ckpt["teacher_zero_shot"]
     else:
-        teacher_acc = teacher_zero_shot(args, clip, index, device)
+        teacher_acc = teacher_zero_shot(args, clip, index, store, device)
 
     # --- training loop: one minibatch per training domain, concatenated in env order ----------------
     loaders = [D.train_loader(D.StepBatches(store, e, splits[e][1], hparams["batch_size"], args.seed, image_size),
@@ -753,7 +743,7 @@ def main(argv=None) -> int:
         O.atomic_write_bytes(out / "hardness.json", json.dumps(report, indent=1).encode())
         O.plot_kept_share(report, index.envs, hparams["worst_case_p"], out / "kept_share.png")
     O.atomic_write_bytes(out / "summary.json", json.dumps(summary, indent=1).encode())
-    O.atomic_write_bytes(out / O.DONE, b"done\n")
+    O.atomic_write_bytes(out / O.DONE, json.dumps(fingerprint, indent=1, sort_keys=True).encode())
     print(table)
     print(f"[scmd] results in {out}")
     return 0
@@ -765,11 +755,9 @@ def main(argv=None) -> int:
 
 def dataset_root(args) -> Path:
     data_dir = Path(args.data_dir)
-    if args.dataset == "embedded":
-        from scmd import world
-
-        return world.ensure_dataset(data_dir, progress=not args.no_progress, n_per_class=args.world_per_class)
     info = D.DATASETS[args.dataset]
+    if info.generate is not None:  # made on first use, deterministically
+        return info.generate(data_dir, progress=not args.no_progress, n_per_class=args.world_per_class)
     root = data_dir / info.folder
     if args.download:
         from scmd.download import download_dataset
@@ -783,23 +771,16 @@ def dataset_root(args) -> Path:
 
 
 def check_layout(args, index) -> None:
-    if args.dataset != "embedded":
-        expected = list(D.DATASETS[args.dataset].envs)
-        if index.envs != expected:
-            raise DataError(f"{index.root} has domains {index.envs}; {args.dataset} expects {expected}")
+    expected = list(D.DATASETS[args.dataset].envs)
+    if index.envs != expected:
+        raise DataError(f"{index.root} has domains {index.envs}; {args.dataset} expects {expected}")
     if not 0 <= args.test_env < len(index.envs):
         raise UsageError(f"--test-env {args.test_env} is out of range: {args.dataset} has {len(index.envs)} "
                          f"domains (0..{len(index.envs) - 1}: {', '.join(index.envs)})")
 
 
 def image_size_for(args) -> int:
-    if args.image_size:
-        return args.image_size
-    if args.dataset == "embedded":
-        from scmd import world
-
-        return world.IMAGE_SIZE
-    return 224
+    return args.image_size or D.DATASETS[args.dataset].image_size
 
 
 def steps_per_epoch(splits, train_envs, batch_size) -> float:
@@ -840,7 +821,7 @@ def run_fingerprint(args, hparams) -> dict:
 
 def record_fields(args, hparams, trainer, step) -> dict:
     """DomainBed's record fields (so its collect_results reads our folders) plus ours."""
-    name = D.DATASETS[args.dataset].domainbed_name if args.dataset in D.DATASETS else "EmbeddedWorld"
+    name = D.DATASETS[args.dataset].domainbed_name
     db_args = {"dataset": name, "algorithm": DOMAINBED_ALGORITHM_NAME[args.algorithm], "test_envs": [args.test_env],
                "data_dir": args.data_dir, "output_dir": args.output_dir, "hparams": args.hparams,
                "hparams_seed": args.hparams_seed, "trial_seed": args.trial_seed, "seed": args.seed,

@@ -45,7 +45,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--n-per-class", type=int, default=None,
                    help="generate/use a partial world (the first N images of every env/class), in its own "
                         "folder embedded_world_n<N> beside the full one")
-    p.add_argument("--image-size", type=int, default=None, help="default: world 64 px, --dataset-root 224 px")
+    p.add_argument("--image-size", type=int, default=None, help="default: world 32 px, --dataset-root 224 px")
     p.add_argument("--preload", choices=["auto", "yes", "no"], default="auto",
                    help="decode all images into memory first (auto: yes for the world, as the loop; no otherwise)")
     p.add_argument("--test-env", type=int, default=0, help="held-out domain (the others are loaded)")
@@ -142,10 +142,12 @@ def main(argv=None) -> dict:
     if not 0 <= args.test_env < n_envs:
         raise SystemExit(f"data_loading: --test-env {args.test_env} out of range (0..{n_envs - 1})")
     train_envs = [e for e in range(n_envs) if e != args.test_env]
-    store = D.ImageStore(index, preload=preload, allow_truncated=False)
+    in_memory = preload and not args.dataset_root  # the embedded world: batched tensor augmentation (scmd.augment)
+    store = D.ImageStore(index, preload=preload, allow_truncated=False, as_tensors=in_memory)
     splits = [D.in_out_split(len(index.paths[e]), 0.2, 0, e) for e in range(n_envs)]
     setup_s = time.perf_counter() - t
-    print(f"[data_loading] {name}: {index.n_samples} images in {n_envs} domains, {size} px, preload={preload} "
+    print(f"[data_loading] {name}: {index.n_samples} images in {n_envs} domains, {size} px, preload={preload}, "
+          f"{'tensor' if in_memory else 'PIL'} augmentation "
           f"(index{' + decode' if preload else ''} {setup_s:.1f} s); {len(train_envs)} training domains x "
           f"batch {args.batch}", file=sys.stderr)
     m = model_rate(args.step_json, args.config) if args.step_json else None
@@ -156,6 +158,7 @@ def main(argv=None) -> dict:
     out.parent.mkdir(parents=True, exist_ok=True)
     result = {"benchmark": "data_loading", "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
               "dataset": name, "root": str(root), "image_size": size, "preload": preload, "batch": args.batch,
+              "augmentation": "tensor" if in_memory else "PIL",
               "train_envs": train_envs, "steps": args.steps, "warmup": args.warmup, "setup_s": setup_s,
               "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(),
                           "torch_threads": torch.get_num_threads()},

@@ -13,13 +13,14 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence
 
 import numpy as np
 import torch
 from PIL import Image, ImageFile, UnidentifiedImageError
 from torchvision import transforms
 
+from scmd import augment, world
 from scmd.errors import DataError, UsageError
 from scmd.hparams import seed_hash
 
@@ -32,22 +33,39 @@ IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tif
 
 @dataclass(frozen=True)
 class DatasetInfo:
+    """One dataset's protocol and defaults: everything that differs between datasets lives here."""
+
     folder: str  # directory under --data-dir
     domainbed_name: str  # DomainBed's dataset class name (written to results.jsonl)
     envs: Sequence[str]  # expected env folders, sorted
-    steps: int  # default number of training steps
-    checkpoint_freq: int  # default evaluation frequency
+    steps: int = 5001  # training steps (spec 7)
+    checkpoint_freq: int = 300  # evaluate every N steps (spec 7)
+    image_size: int = 224  # input size of student and teacher
+    student: str = "resnet50"  # --student default
+    student_weights: str = "v2"  # --student-weights default (torchvision's DEFAULT, as the authors)
+    teacher: str = "ViT-B-32-quickgelu"  # open_clip model name
+    teacher_weights: str = "openai"  # open_clip pretrained tag or a local file
+    lr: float = 5e-5  # default lr (the spec's; its random search is scaled alike)
+    in_memory: bool = False  # decode every image once and augment whole batches as tensors (scmd.augment)
+    generate: Optional[Callable[..., Path]] = None  # makes the folder: (data_dir, progress, n_per_class) -> root;
+    # None: the folder must exist (or be fetched with --download)
 
 
 DATASETS = {
-    "vlcs": DatasetInfo("VLCS", "VLCS", ("Caltech101", "LabelMe", "SUN09", "VOC2007"), 5001, 300),
-    "pacs": DatasetInfo("PACS", "PACS", ("art_painting", "cartoon", "photo", "sketch"), 5001, 300),
-    "officehome": DatasetInfo("office_home", "OfficeHome", ("Art", "Clipart", "Product", "Real World"), 5001, 300),
+    "embedded": DatasetInfo(
+        world.DATASET_DIRNAME, "EmbeddedWorld", tuple(world.ENVIRONMENTS), image_size=world.IMAGE_SIZE,
+        student=world.STUDENT_NAME, student_weights=str(world.STUDENT_WEIGHTS), teacher=world.TEACHER_MODEL_NAME,
+        teacher_weights=str(world.TEACHER_WEIGHTS), lr=world.LR, in_memory=True, generate=world.ensure_dataset,
+    ),
+    "vlcs": DatasetInfo("VLCS", "VLCS", ("Caltech101", "LabelMe", "SUN09", "VOC2007")),
+    "pacs": DatasetInfo("PACS", "PACS", ("art_painting", "cartoon", "photo", "sketch")),
+    "officehome": DatasetInfo("office_home", "OfficeHome", ("Art", "Clipart", "Product", "Real World")),
     "terraincognita": DatasetInfo(
-        "terra_incognita", "TerraIncognita", ("location_100", "location_38", "location_43", "location_46"), 5001, 300
+        "terra_incognita", "TerraIncognita", ("location_100", "location_38", "location_43", "location_46")
     ),
     "domainnet": DatasetInfo(
-        "domain_net", "DomainNet", ("clipart", "infograph", "painting", "quickdraw", "real", "sketch"), 5001, 1000
+        "domain_net", "DomainNet", ("clipart", "infograph", "painting", "quickdraw", "real", "sketch"),
+        checkpoint_freq=1000,
     ),
 }
 DATASET_ALIASES = {"office_home": "officehome", "terra_incognita": "terraincognita", "domain_net": "domainnet"}
@@ -210,21 +228,34 @@ def load_rgb(path: str) -> Image.Image:
 
 
 class ImageStore:
-    """Paths -> PIL images; optionally decoded once and kept in memory (small datasets)."""
+    """Paths -> PIL images; optionally decoded once and kept in memory (small datasets). With ``as_tensors``
+    (all images of one size) each env is one uint8 tensor (n, 3, H, W) that ``scmd.augment`` works on."""
 
-    def __init__(self, index: DomainIndex, preload: bool, allow_truncated: bool):
+    def __init__(self, index: DomainIndex, preload: bool, allow_truncated: bool, as_tensors: bool = False):
         self.index = index
         self.allow_truncated = allow_truncated
         ImageFile.LOAD_TRUNCATED_IMAGES = allow_truncated
         self.cache = None
-        if preload:
+        self.tensors = None
+        if preload or as_tensors:
             self.cache = [[load_rgb(p) for p in env_paths] for env_paths in index.paths]
+        if as_tensors:
+            self.tensors = [_stack_images(imgs, paths) for imgs, paths in zip(self.cache, index.paths)]
 
     def get(self, env: int, i: int) -> Image.Image:
         if self.cache is not None:
             return self.cache[env][i]
         ImageFile.LOAD_TRUNCATED_IMAGES = self.allow_truncated  # also inside worker processes
         return load_rgb(self.index.paths[env][i])
+
+
+def _stack_images(imgs: List[Image.Image], paths: List[str]) -> torch.Tensor:
+    size = imgs[0].size
+    for im, p in zip(imgs, paths):
+        if im.size != size:
+            raise DataError(f"{p} is {im.size[0]}x{im.size[1]} px, {paths[0]} is {size[0]}x{size[1]}: a dataset "
+                            f"augmented in memory needs images of one size")
+    return torch.from_numpy(np.stack([np.asarray(im, dtype=np.uint8) for im in imgs])).permute(0, 3, 1, 2).contiguous()
 
 
 class _OwnRng:
@@ -256,6 +287,7 @@ class StepBatches(torch.utils.data.Dataset):
 
     def __init__(self, store: ImageStore, env: int, in_idx: np.ndarray, batch_size: int, seed: int, size: int):
         self.store, self.env, self.in_idx, self.batch_size, self.seed = store, env, in_idx, batch_size, seed
+        self.size = size
         self.tf = train_transform(size)
 
     def __len__(self) -> int:  # only a sampler bound; the loader asks for steps, not positions
@@ -264,10 +296,15 @@ class StepBatches(torch.utils.data.Dataset):
     def __getitem__(self, step: int):
         rng = np.random.default_rng((self.seed, self.env, step))
         rows = self.in_idx[rng.integers(0, len(self.in_idx), self.batch_size)]
-        aug_seeds = rng.integers(0, 2**62, self.batch_size)
-        with _OwnRng() as r:
-            x = torch.stack([r.augment(self.tf, self.store.get(self.env, int(i)), int(s))
-                             for i, s in zip(rows, aug_seeds)])
+        if self.store.tensors is not None:  # the whole batch at once, one parameter draw per sample
+            imgs = self.store.tensors[self.env][torch.from_numpy(rows)]
+            params = augment.draw_params(rng, len(rows), imgs.shape[2], imgs.shape[3])
+            x = augment.apply(imgs, params, self.size, IMAGENET_MEAN, IMAGENET_STD)
+        else:
+            aug_seeds = rng.integers(0, 2**62, self.batch_size)
+            with _OwnRng() as r:
+                x = torch.stack([r.augment(self.tf, self.store.get(self.env, int(i)), int(s))
+                                 for i, s in zip(rows, aug_seeds)])
         y = torch.from_numpy(self.store.index.labels[self.env][rows])
         ids = torch.from_numpy(rows + self.store.index.offsets[self.env])
         return x, y, ids
@@ -294,11 +331,14 @@ def train_loader(dataset: StepBatches, start_step: int, workers: int, pin_memory
 
 class EvalSplit(torch.utils.data.Dataset):
     """One split (in or out) of one env, for evaluation. Keys are (eval_step, position): training envs are
-    evaluated on augmented images, as in DomainBed, with a seed fixed by (run seed, eval step, env, position)."""
+    evaluated on augmented images, as in DomainBed, with a seed fixed by (run seed, eval step, env, position)
+    (by its batch's first position on in-memory tensors)."""
 
-    def __init__(self, store: ImageStore, env: int, idx: np.ndarray, tf, augmented: bool, seed: int, name: str):
+    def __init__(self, store: ImageStore, env: int, idx: np.ndarray, tf, augmented: bool, seed: int, name: str,
+                 size: int = 0, mean=IMAGENET_MEAN, std=IMAGENET_STD):
         self.store, self.env, self.idx, self.tf = store, env, idx, tf
         self.augmented, self.seed, self.name = augmented, seed, name
+        self.size, self.mean, self.std = size, mean, std
 
     def __len__(self) -> int:
         return len(self.idx)
@@ -307,6 +347,18 @@ class EvalSplit(torch.utils.data.Dataset):
         return self.__getitems__([key])[0]
 
     def __getitems__(self, keys):  # a whole batch at once (DataLoader uses it when present): one RNG save/restore
+        labels = self.store.index.labels[self.env]
+        if self.store.tensors is not None:
+            rows = self.idx[[pos for _, pos in keys]]
+            imgs = self.store.tensors[self.env][torch.from_numpy(rows)]
+            if self.augmented:
+                eval_step, first = keys[0]
+                rng = np.random.default_rng(seed_hash(self.seed, "eval", eval_step, self.name, first))
+                x = augment.apply(imgs, augment.draw_params(rng, len(rows), imgs.shape[2], imgs.shape[3]),
+                                  self.size, self.mean, self.std)
+            else:
+                x = augment.resize_normalize(imgs, self.size, self.mean, self.std)
+            return list(zip(x.unbind(0), labels[rows].tolist()))
         with _OwnRng() as r:
             out = []
             for eval_step, pos in keys:
@@ -316,7 +368,7 @@ class EvalSplit(torch.utils.data.Dataset):
                     x = r.augment(self.tf, img, seed_hash(self.seed, "eval", eval_step, self.name, pos))
                 else:
                     x = self.tf(img)
-                out.append((x, int(self.store.index.labels[self.env][i])))
+                out.append((x, int(labels[i])))
             return out
 
 

@@ -22,6 +22,29 @@ CKPT_LAST = "checkpoint_last.pt"
 CKPT_BEST = "checkpoint_best.pt"
 
 
+def fingerprint_hash(fingerprint: dict) -> str:
+    """Six hex digits naming a run's settings (in the default output folder name)."""
+    import hashlib
+
+    return hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:6]
+
+
+def check_finished_run(out: Path, fingerprint: dict) -> None:
+    """A folder's ``done`` marker records the settings of its run; refuse to reuse it for other settings."""
+    try:
+        done = json.loads((out / DONE).read_text())
+    except (OSError, ValueError):
+        done = None
+    if not isinstance(done, dict):
+        raise UsageError(f"{out} holds a finished run whose settings are not recorded; use another --output-dir, "
+                         f"or --resume no to run again there")
+    diff = sorted(k for k in set(fingerprint) | set(done) if fingerprint.get(k) != done.get(k))
+    if diff:
+        shown = ", ".join(f"{k}: {done.get(k)!r} there, {fingerprint.get(k)!r} now" for k in diff[:4])
+        raise UsageError(f"{out} holds a finished run made with other settings ({shown}); use another "
+                         f"--output-dir, or --resume no to replace it")
+
+
 def prepare_output_dir(path: Path) -> None:
     """Create the output folder and prove it is writable, before any work is done."""
     try:

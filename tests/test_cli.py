@@ -67,9 +67,9 @@ def test_short_run_writes_domainbed_records_and_report(tmp_path, data_dir, capsy
     assert summary["selected_step"] in (0, 3, 6) and len(summary["teacher_zero_shot"]) == 4
     report = json.loads((out / "hardness.json").read_text())
     assert report["domains"][0]["rows_seen"] == 0  # the held-out domain is never trained on
-    # selection horizon = the run length on the embedded world: steps 0..int(7 * 0.75) = 0..5 select
-    assert sum(d["rows_kept"] for d in report["domains"]) == 6 * int(96 * 0.2)
-    assert sum(d["rows_seen"] for d in report["domains"]) == 6 * 96
+    # the authors' horizon 5000 on every dataset: cut-off int(5000 * 0.75) = 3750, so all 7 steps select
+    assert sum(d["rows_kept"] for d in report["domains"]) == 7 * int(96 * 0.2)
+    assert sum(d["rows_seen"] for d in report["domains"]) == 7 * 96
     assert all(Path(p).exists() for ps in report["hardest_paths"].values() for p in ps)
     assert (out / "kept_share.png").stat().st_size > 0
     ck = torch.load(out / "checkpoint_last.pt", weights_only=True)  # no pickled code in checkpoints
@@ -241,3 +241,35 @@ def test_checkpoint_from_other_settings_is_refused(tmp_path, data_dir, capsys):
     (out / "done").unlink()  # pretend it died
     code, err = run_cli([*base, "--steps", "4", "--test-env", "1"], capsys)
     assert code == 2 and "different settings (test_env)" in last_error_line(err)
+
+
+def test_finished_run_is_reused_only_with_the_same_settings(tmp_path, data_dir, capsys):
+    """A `done` folder records its settings: the same command is a no-op, other settings are refused (they
+    would otherwise silently report the old run), and the default folder name differs with the settings."""
+    out = tmp_path / "run"
+    base = ["--data-dir", str(data_dir), "--output-dir", str(out), "--world-per-class", "6", "--checkpoint-freq",
+            "3", "--no-progress", "--workers", "0"]
+    code, err = run_cli([*base, "--steps", "4"], capsys)
+    assert code == 0, err
+    before = (out / "results.jsonl").read_bytes()
+    code, err = run_cli([*base, "--steps", "4"], capsys)
+    assert code == 0 and "finished run with these settings" in err
+    assert (out / "results.jsonl").read_bytes() == before
+    code, err = run_cli([*base, "--steps", "5"], capsys)
+    line = last_error_line(err)
+    assert code == 2 and "other settings (steps: 4 there, 5 now)" in line and "--resume no" in line
+    assert (out / "results.jsonl").read_bytes() == before
+    (out / "done").write_text("done\n")  # a marker of an older version records no settings
+    code, err = run_cli([*base, "--steps", "4"], capsys)
+    assert code == 2 and "settings are not recorded" in last_error_line(err)
+
+
+def test_default_output_folder_names_the_settings():
+    a = scmd_ref.resolve_settings(scmd_ref.parse_args(["--steps", "20"]))
+    b = scmd_ref.resolve_settings(scmd_ref.parse_args(["--steps", "21"]))
+    fa = scmd_ref.run_fingerprint(a, {"lr": 5e-5})
+    fb = scmd_ref.run_fingerprint(b, {"lr": 5e-5})
+    from scmd import outputs
+
+    assert outputs.fingerprint_hash(fa) != outputs.fingerprint_hash(fb)
+    assert outputs.fingerprint_hash(fa) == outputs.fingerprint_hash(dict(fa))

@@ -12,6 +12,7 @@ from torchvision.datasets import ImageFolder
 
 from scmd import data as D
 from scmd import outputs as O
+from scmd import world
 from scmd.errors import DataError, UsageError
 from scmd.hparams import make_hparams, seed_hash
 
@@ -36,11 +37,21 @@ def test_default_hparams_are_the_scmd_defaults():
                   "lr": 5e-5, "weight_decay": 0.0, "batch_size": 32, "resnet_dropout": 0.0}
 
 
-def test_embedded_world_gets_a_small_image_lr_and_nothing_else_changes():
-    emb, vlcs = make_hparams("embedded", 0, 0), make_hparams("vlcs", 0, 0)
-    assert emb["lr"] == 3e-4 and {k: v for k, v in emb.items() if k != "lr"} == {
+def test_every_dataset_runs_the_spec_protocol_and_the_world_deviates_only_in_its_lr():
+    from scmd import data as D
+
+    for name, info in D.DATASETS.items():
+        assert (info.steps, info.checkpoint_freq) == ((5001, 1000) if name == "domainnet" else (5001, 300)), name
+        assert info.lr == (world.LR if name == "embedded" else 5e-5), name
+    emb = make_hparams("embedded", 0, 0, lr=D.DATASETS["embedded"].lr)
+    vlcs = make_hparams("vlcs", 0, 0)
+    assert emb["lr"] == world.LR and {k: v for k, v in emb.items() if k != "lr"} == {
         k: v for k, v in vlcs.items() if k != "lr"}
-    assert {make_hparams("embedded", s, 0)["lr"] for s in range(1, 30)} == {1.8e-4, 3e-4}
+    scale = world.LR / 5e-5
+    for s in range(1, 20):  # the random search is the spec's, with its lr choices scaled alike
+        a, b = make_hparams("embedded", s, 0, lr=world.LR), make_hparams("vlcs", s, 0)
+        assert a["lr"] == pytest.approx(b["lr"] * scale, rel=1e-12)
+        assert {k: v for k, v in a.items() if k != "lr"} == {k: v for k, v in b.items() if k != "lr"}
 
 
 def test_random_hparams_vector():
