@@ -12,7 +12,7 @@
 #                                         else with a small indexing tree), if the file and fastsel are there
 #                 step_breakdown --scale tiny --device cuda   (embedded world's models)
 #   always:       step_breakdown --scale tiny --device cpu
-#                 data_loading (embedded world, 64 px and 224 px) against the step rates above
+#                 data_loading (embedded world, 32 px and 224 px) against the step rates above
 #   GPU, last:    step_breakdown --scale full --device cuda --configs scmd,scmd+compile     (torch.compile)
 # The whole script keeps to GPU_CHECK_BUDGET seconds (default 450): each part's limit is capped by what is left.
 # No GPU: says so and runs the CPU parts only.

@@ -712,7 +712,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--scale", choices=["tiny", "full"], default="tiny",
-                   help="tiny: embedded world's student+teacher (64 px); full: ResNet-50 + ViT-B-32-quickgelu, 224 px")
+                   help="tiny: embedded world's student+teacher (32 px); full: ResNet-50 + ViT-B-32-quickgelu, 224 px")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--batch", type=int, default=32, help="per training domain (3 training domains)")
     p.add_argument("--n-classes", type=int, default=None,

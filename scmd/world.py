@@ -3,8 +3,8 @@ pretrained student backbone, all generated and trained by this project (nothing 
 
 Commands (from the repository root, in the venv):
 
-    python -m scmd.world build            # retrain both checkpoints in assets/ (fixed seeds, ~20 min, 1 core)
-    python -m scmd.world check            # teacher zero-shot accuracy per env of the generated dataset
+    python -m scmd.world build            # retrain both checkpoints in assets/ (fixed seeds, ~15 min, 2 cores)
+    python -m scmd.world check [--erm]    # the world's design criteria, measured (--erm: run ERM for the last)
     python -m scmd.world generate DATA    # write DATA/embedded_world (DomainBed layout) if not there yet
 
 The dataset ("embedded_world", DomainBed folder layout ``<env>/<class>/<index>.png``):
@@ -50,18 +50,18 @@ from PIL import Image, ImageChops, ImageDraw, ImageFilter
 DATASET_DIRNAME = "embedded_world"
 ENVIRONMENTS = ["cartoon", "painting", "photo", "sketch"]  # sorted, as DomainBed sorts env folders
 CLASSES = ["car", "fish", "flower", "house", "mushroom", "sailboat", "traffic_light", "tree"]  # sorted
-IMAGE_SIZE = 64
+IMAGE_SIZE = 32  # the dataset's images (DomainBed's own MNIST datasets are 28 px)
+RENDER_SIZE = 64  # scenes are finished at 64 px and box-downsampled to IMAGE_SIZE (detail survives as shading)
 # fraction of an env's images whose backdrop follows the env's class -> backdrop mapping (env order)
 NUISANCE_STRENGTH = {"cartoon": 0.9, "painting": 0.8, "photo": 0.7, "sketch": 0.6}
 # images per (env, class): drawn once in [MIN, MAX] (class imbalance, as in PACS); ~1.8k per env
 IMAGES_PER_CLASS_RANGE = (170, 280)
-WORLD_VERSION = "embedded-world-v3"  # bump whenever the rendered bytes change
-# training length of scmd_ref.py on this world (DomainBed uses 5001 steps / eval every 300 on real data;
-# the embedded world is ~10x smaller and meant to run on a CPU). With the world's lr (scmd/hparams.py, 3e-4)
-# ERM reaches ~83% on the source domains' out-splits by step 400: trained, far from solved. The SMA
-# averages steps 300-400 and the selection cut-off is int(401 * 0.75) = step 300.
-DEFAULT_STEPS = 401
-DEFAULT_CHECKPOINT_FREQ = 100
+WORLD_VERSION = "embedded-world-v4"  # bump whenever the rendered bytes change
+# The world's one deviation from the spec's protocol (assets/README.md has the evidence): its lr. At the spec's
+# 5e-5, ERM ends its 5001 steps at 62.6% source-domain validation accuracy; over the grid 5e-5, 2e-4, 4e-4, 8e-4
+# ERM's source-domain validation accuracy was best at 8e-4 (85%). Chosen from ERM runs alone, before any other
+# algorithm ran on this world; the random search scales alike ({4.8e-4, 8e-4}).
+LR = 8e-4
 MARKER_NAME = "WORLD_COMPLETE"  # a file, so DomainBed's env scan (directories only) ignores it
 
 ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets"
@@ -69,8 +69,9 @@ TEACHER_MODEL_NAME = "embedded_teacher"  # = stem of the open_clip config file b
 TEACHER_CONFIG_FILE = ASSETS_DIR / "embedded_teacher.json"
 TEACHER_WEIGHTS = ASSETS_DIR / "embedded_teacher.safetensors"
 STUDENT_WEIGHTS = ASSETS_DIR / "embedded_student.safetensors"
-STUDENT_WIDTHS = (32, 64, 128, 256)
+STUDENT_WIDTHS = (16, 32, 64, 128)  # a quarter of ResNet-18's 64-128-256-512
 STUDENT_ARCH = "narrow-resnet18-" + "-".join(map(str, STUDENT_WIDTHS))
+STUDENT_NAME = "embedded_student"  # --student name of build_student's network
 ZERO_SHOT_TEMPLATE = "this is a photo of a {}"
 
 # Extra object classes: never in the dataset as labels. The teacher learns them too (web-scale CLIP
@@ -84,8 +85,8 @@ DATASET_STYLES = list(ENVIRONMENTS)  # one style per env
 # styles only the teacher sees in pretraining (CLIP's web data has far more depictions than PACS)
 EXTRA_STYLES = ["pixel_art", "silhouette", "neon", "blueprint", "mosaic", "bw_photo", "watercolor"]
 
-SS = 2  # geometry is drawn at SS x IMAGE_SIZE and box-downsampled (anti-aliasing)
-_N = IMAGE_SIZE * SS
+SS = 2  # geometry is drawn at SS x RENDER_SIZE and box-downsampled (anti-aliasing)
+_N = RENDER_SIZE * SS
 
 # ---------------------------------------------------------------------------------------------------------
 # Colours and backdrops
@@ -612,7 +613,7 @@ def _random_parts(cls: str, r: np.random.RandomState, scale_range, bg_hue: float
 
 
 def render(scene: Scene) -> Tuple[Image.Image, Dict[str, str]]:
-    """Render one image (IMAGE_SIZE x IMAGE_SIZE RGB) and its metadata (for captions)."""
+    """Render one image (IMAGE_SIZE x IMAGE_SIZE RGB, finished at RENDER_SIZE) and its metadata (for captions)."""
     r = np.random.RandomState(scene.seed)
     style = scene.style
     base_style = {"bw_photo": "photo", "watercolor": "painting"}.get(style, style)
@@ -668,8 +669,8 @@ def render(scene: Scene) -> Tuple[Image.Image, Dict[str, str]]:
             colour = main_rgb if sum(main_rgb) > 200 else hsv(r.uniform(0, 360), 0.8, 1.0)
             canvas.paste(colour, mask=ImageChops.add(glow, glow))
             canvas.paste(tuple(min(255, c + 90) for c in colour), mask=ink)
-    img = canvas.resize((IMAGE_SIZE, IMAGE_SIZE), Image.BOX)
-    n = IMAGE_SIZE
+    img = canvas.resize((RENDER_SIZE, RENDER_SIZE), Image.BOX)
+    n = RENDER_SIZE
     if base_style in ("photo", "painting"):
         a = np.asarray(img, np.float32) / 255.0
         m = np.asarray(union.resize((n, n), Image.BOX), np.float32)[..., None] / 255.0
@@ -715,6 +716,8 @@ def render(scene: Scene) -> Tuple[Image.Image, Dict[str, str]]:
         for t in range(0, n, 4):
             d.line([(t, 0), (t, n)], fill=(60, 60, 60))
             d.line([(0, t), (n, t)], fill=(60, 60, 60))
+    if IMAGE_SIZE != RENDER_SIZE:
+        img = img.resize((IMAGE_SIZE, IMAGE_SIZE), Image.BOX)
     meta = {"cls": scene.cls, "style": style, "pattern": scene.pattern, "bg_colour": scene.bg_colour,
             "obj_colour": colour_name(main_rgb)}
     return img, meta
@@ -935,8 +938,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     b.add_argument("--only", choices=["teacher", "student"], help="rebuild just one of them")
     b.add_argument("--data-dir", default="data", help="where the dataset for the final check is generated")
     b.add_argument("--out-dir", default=str(ASSETS_DIR), help="where the checkpoints and their logs go")
-    c = sub.add_parser("check", help="teacher zero-shot accuracy per env (CLIP and ImageNet normalisation)")
+    c = sub.add_parser("check", help="the world's design criteria: teacher zero-shot accuracy per env, the "
+                                     "student's classes, the shortcuts, ERM's source accuracy")
     c.add_argument("--data-dir", default="data")
+    c.add_argument("--erm", action="store_true", help="run the four ERM runs the last criterion needs "
+                                                     "(finished ones are reused)")
     g = sub.add_parser("generate", help="generate the dataset if not there yet")
     g.add_argument("data_dir", nargs="?", default="data")
     args = p.parse_args(argv)
@@ -948,7 +954,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.cmd == "build":
         world_pretrain.build(only=args.only, data_dir=args.data_dir, out_dir=Path(args.out_dir))
     else:
-        world_pretrain.check(args.data_dir)
+        return 0 if world_pretrain.check_premises(args.data_dir, run_erm=args.erm) else 1
     return 0
 
 

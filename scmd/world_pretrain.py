@@ -16,6 +16,7 @@ Both runs use bf16 autocast on the CPU (CLIP itself was trained in mixed precisi
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
@@ -36,9 +37,11 @@ from scmd.outputs import atomic_torch_save
 # Settings (fixed; `build` is deterministic up to floating-point thread scheduling)
 
 TEACHER_SEED = 1234
-TEACHER_STEPS = 2400
+TEACHER_STEPS = 4800
 TEACHER_BATCH = 128
-TEACHER_REUSE = 4  # each rendered image is used in 4 consecutive steps (new augmentation and caption)
+TEACHER_REUSE = 8  # each rendered image is used in 8 consecutive steps (new augmentation and caption)
+TEACHER_COLOUR_AUG_P = 0.5  # share of images given DomainBed's colour augmentation (hue, grayscale), with a
+# caption that names no colour: web images come in every colour balance, and SCMD feeds its teacher such images
 TEACHER_LR = 3e-3  # AdamW, betas (0.9, 0.98), eps 1e-6 as in CLIP; warmup then cosine to 0
 TEACHER_WARMUP = 100
 TEACHER_WD = 0.1  # on matrices/kernels only: not on biases, norms or the logit scale
@@ -88,11 +91,12 @@ COLOUR_TEMPLATES = ["a {s} of a {oc} {c}", "a {oc} {c} in a {s}", "this is a {s}
                     "a photo of a {oc} {c}", "a {s} of a {oc} {c} on a {bc} background"]
 
 
-def caption(meta: Dict[str, str], r: np.random.RandomState) -> str:
+def caption(meta: Dict[str, str], r: np.random.RandomState, colourless: bool = False) -> str:
+    """A web-like caption; ``colourless``: one that names no colour (the image's colours were altered)."""
     c = meta["cls"].replace("_", " ")
     fields = {"c": c, "s": STYLE_WORDS[meta["style"]][r.randint(len(STYLE_WORDS[meta["style"]]))],
               "bc": meta["bg_colour"], "p": PATTERN_WORDS[meta["pattern"]], "oc": meta["obj_colour"]}
-    u = r.rand()
+    u = r.rand() * (0.75 if colourless else 1.0)
     if u < 0.45:  # most web captions just name the object
         t = GENERIC_TEMPLATES[r.randint(len(GENERIC_TEMPLATES))]
     elif u < 0.75:
@@ -146,6 +150,10 @@ class RenderedBatches(IterableDataset):
         if kind == "teacher":
             aug += [transforms.ColorJitter(0.2, 0.2, 0.2)]
         self.transform = transforms.Compose(aug + [transforms.ToTensor(), transforms.Normalize(*norm)])
+        self.colour_transform = transforms.Compose([  # DomainBed's training augmentation (spec 8.2)
+            transforms.RandomResizedCrop(world.IMAGE_SIZE, scale=(0.7, 1.0)), transforms.RandomHorizontalFlip(),
+            transforms.ColorJitter(0.3, 0.3, 0.3, 0.3), transforms.RandomGrayscale(), transforms.ToTensor(),
+            transforms.Normalize(*norm)])
         self.tokenizer = None
 
     def make(self, k: int) -> list:
@@ -165,14 +173,17 @@ class RenderedBatches(IterableDataset):
             torch.manual_seed(world.stable_seed(self.kind, self.seed, k, use, "aug"))
             r = np.random.RandomState(world.stable_seed(self.kind, self.seed, k, use, "order"))
             order = r.permutation(self.batch_size) if use else np.arange(self.batch_size)
-            x = torch.stack([self.transform(imgs[j]) for j in order])
+            coloured = (r.rand(self.batch_size) < TEACHER_COLOUR_AUG_P if self.kind == "teacher"
+                        else np.zeros(self.batch_size, bool))
+            x = torch.stack([(self.colour_transform if c else self.transform)(imgs[j])
+                             for j, c in zip(order, coloured)])
             if self.kind == "teacher":
                 if self.tokenizer is None:
                     import open_clip
 
                     world.register_teacher_config()
                     self.tokenizer = open_clip.get_tokenizer(world.TEACHER_MODEL_NAME)
-                caps = [caption(metas[j], r) for j in order]
+                caps = [caption(metas[j], r, colourless=c) for j, c in zip(order, coloured)]
                 out.append((x, self.tokenizer(caps), caps))
             else:
                 out.append((x, torch.tensor([ys[j] for j in order])))
@@ -412,13 +423,14 @@ def train_student(steps: int = STUDENT_STEPS, batch_size: int = STUDENT_BATCH, s
 # Zero-shot check
 
 
-def _load_env(root: Path, env: str, tf) -> Tuple[torch.Tensor, torch.Tensor]:
+def _load_env(root: Path, env: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    """An env's images as one uint8 tensor (n, 3, H, W) and their labels."""
     xs, ys = [], []
     for y, cls in enumerate(world.CLASSES):
         for p in sorted((root / env / cls).glob("*.png")):
-            xs.append(tf(D.load_rgb(str(p))))
+            xs.append(np.asarray(D.load_rgb(str(p)), dtype=np.uint8))
             ys.append(y)
-    return torch.stack(xs), torch.tensor(ys)
+    return torch.from_numpy(np.stack(xs)).permute(0, 3, 1, 2).contiguous(), torch.tensor(ys)
 
 
 @torch.no_grad()
@@ -426,23 +438,27 @@ def zero_shot(model, tokenizer, data_dir, envs: Sequence[str] = tuple(world.ENVI
               n_per_class: Optional[int] = None, seed: int = 0) -> Dict[str, Dict[str, float]]:
     """Accuracy per env of argmax_c cos(image, "this is a photo of a {c}"), with CLIP normalisation,
     ImageNet normalisation (what SCMD feeds the teacher) and ImageNet normalisation after DomainBed's
-    training augmentation; plus the mean max-probability of the teacher's T=3 soft targets."""
+    training augmentation as scmd_ref.py applies it on this world (scmd.augment, one draw per image);
+    plus the mean max-probability of the teacher's T=3 soft targets."""
+    from scmd import augment
+
     root = world.ensure_dataset(data_dir, n_per_class=n_per_class)
     prompts = [world.ZERO_SHOT_TEMPLATE.format(c.replace("_", " ")) for c in world.CLASSES]
     txt = F.normalize(model.encode_text(tokenizer(prompts)), dim=-1)
     scale = model.logit_scale.exp()
     size = world.IMAGE_SIZE
-    tfs = {  # the resize in eval_transform is a no-op on the world's 64 px images
-        "clip": D.eval_transform(size, D.CLIP_MEAN, D.CLIP_STD),
-        "imagenet": D.eval_transform(size),
-        "imagenet_trainaug": D.train_transform(size),  # DomainBed's training transform (spec 8.2)
-    }
     res: Dict[str, Dict[str, float]] = {}
-    for env in envs:
+    for k, env in enumerate(envs):
         res[env] = {}
-        for name, tf in tfs.items():
-            torch.manual_seed(seed)
-            x, y = _load_env(root, env, tf)
+        imgs, y = _load_env(root, env)
+        inputs = {
+            "clip": augment.resize_normalize(imgs, size, D.CLIP_MEAN, D.CLIP_STD),
+            "imagenet": augment.resize_normalize(imgs, size, D.IMAGENET_MEAN, D.IMAGENET_STD),
+            "imagenet_trainaug": augment.apply(  # DomainBed's training transform (spec 8.2)
+                imgs, augment.draw_params(np.random.default_rng((seed, k)), len(imgs), *imgs.shape[2:]), size,
+                D.IMAGENET_MEAN, D.IMAGENET_STD),
+        }
+        for name, x in inputs.items():
             logits = torch.cat([scale * F.normalize(model.encode_image(x[i:i + 512]), dim=-1) @ txt.T
                                 for i in range(0, len(x), 512)])
             res[env][name] = round((logits.argmax(1) == y).float().mean().item(), 4)
@@ -468,6 +484,93 @@ def check(data_dir="data", weights=None, log=print) -> Dict[str, Dict[str, float
     for line in format_zero_shot(res):
         log("[check] " + line)
     return res
+
+
+# The world's design criteria (fixed before any algorithm is compared on it)
+TEACHER_MIN_CLIP = 0.90  # zero-shot accuracy on every domain, CLIP preprocessing
+TEACHER_MIN_TRAINAUG = 0.85  # ... on what SCMD feeds it: ImageNet-normalised, DomainBed-augmented
+ERM_SOURCE_VAL_RANGE = (0.80, 0.95)  # ERM's final source-domain validation accuracy: trained, not solved
+
+
+def shortcut_shares(n_per_env: int = 4000) -> Dict[str, Dict[str, float]]:
+    """For every env, the share of its scenes whose backdrop follows each env's class -> backdrop mapping (from
+    the scene definitions, without rendering). Its own mapping: about NUISANCE_STRENGTH; another env's: chance."""
+    res: Dict[str, Dict[str, float]] = {}
+    for env in world.ENVIRONMENTS:
+        scenes = [(ci, world.dataset_scene(env, ci, i)) for ci in range(len(world.CLASSES))
+                  for i in range(n_per_env // len(world.CLASSES))]
+        res[env] = {other: float(np.mean([(sc.pattern, sc.bg_colour) == world.backdrop_of(other, ci)
+                                          for ci, sc in scenes])) for other in world.ENVIRONMENTS}
+    return res
+
+
+def erm_source_val(data_dir: str, run: bool, log=print) -> Dict[str, float]:
+    """ERM's mean source out-split accuracy at its last evaluation, per held-out env, from `scmd_ref.py
+    --algorithm erm` runs at the dataset's protocol (seed 0; runs already finished with these settings are
+    reused). With run=False only finished runs are read."""
+    import subprocess
+    import sys
+
+    root = world.ASSETS_DIR.parent
+    res = {}
+    for e, env in enumerate(world.ENVIRONMENTS):
+        out = root / "outputs" / f"world_check_erm_te{e}"
+        if run:
+            cmd = [sys.executable, str(root / "scmd_ref.py"), "--algorithm", "erm", "--test-env", str(e),
+                   "--output-dir", str(out), "--data-dir", str(data_dir), "--eval-splits", "selection", "--no-progress"]
+            log(f"[check] {' '.join(cmd[1:])}")
+            subprocess.run(cmd, check=True)
+        recs = out / "results.jsonl"
+        if not (out / "done").exists():
+            continue
+        last = [json.loads(line) for line in recs.read_text().splitlines() if line.strip()][-1]
+        res[env] = float(np.mean([last[f"env{k}_out_acc"] for k in range(len(world.ENVIRONMENTS)) if k != e]))
+    return res
+
+
+def check_premises(data_dir="data", run_erm: bool = False, log=print) -> bool:
+    """Print every design criterion of the world with its measured value; True if all hold."""
+    ok = True
+
+    def verdict(name: str, good: bool, detail: str) -> None:
+        nonlocal ok
+        ok &= good
+        log(f"[premise] {'PASS' if good else 'FAIL'}  {name}: {detail}")
+
+    zs = check(data_dir, log=log)
+    worst_clip = min(zs.values(), key=lambda r: r["clip"])
+    worst_aug = min(zs.values(), key=lambda r: r["imagenet_trainaug"])
+    verdict(f"teacher zero-shot >= {TEACHER_MIN_CLIP:.0%} on every domain (CLIP preprocessing)",
+            all(r["clip"] >= TEACHER_MIN_CLIP for r in zs.values()),
+            ", ".join(f"{e} {100 * r['clip']:.1f}%" for e, r in zs.items()) + f" (min {100 * worst_clip['clip']:.1f}%)")
+    verdict(f"teacher zero-shot >= {TEACHER_MIN_TRAINAUG:.0%} on every domain (ImageNet-normalised, augmented)",
+            all(r["imagenet_trainaug"] >= TEACHER_MIN_TRAINAUG for r in zs.values()),
+            ", ".join(f"{e} {100 * r['imagenet_trainaug']:.1f}%" for e, r in zs.items())
+            + f" (min {100 * worst_aug['imagenet_trainaug']:.1f}%)")
+    student = world.build_student()
+    overlap = sorted(set(world.CLASSES) & set(world.EXTRA_CLASSES))
+    verdict("student pretrained only on classes outside the task",
+            not overlap and student.fc.out_features == len(world.EXTRA_CLASSES),
+            f"{student.fc.out_features} pretraining classes {world.EXTRA_CLASSES[:3]}...; shared with the task: "
+            f"{overlap or 'none'}")
+    shares = shortcut_shares()
+    own = {e: shares[e][e] for e in world.ENVIRONMENTS}
+    foreign = max(shares[e][o] for e in world.ENVIRONMENTS for o in world.ENVIRONMENTS if o != e)
+    verdict("every domain keeps its own class -> backdrop shortcut, absent from the others",
+            all(own[e] > 0.5 for e in own) and foreign < 0.05,
+            "own-mapping share " + ", ".join(f"{e} {100 * v:.0f}%" for e, v in own.items())
+            + f"; another domain's mapping: at most {100 * foreign:.1f}%")
+    erm = erm_source_val(data_dir, run_erm, log=log)
+    lo, hi = ERM_SOURCE_VAL_RANGE
+    if len(erm) == len(world.ENVIRONMENTS):
+        verdict(f"ERM at the dataset's protocol ends at {lo:.0%}-{hi:.0%} source-domain validation accuracy",
+                all(lo <= v <= hi for v in erm.values()),
+                ", ".join(f"held out {e}: {100 * v:.1f}%" for e, v in erm.items()))
+    else:
+        ok = False
+        log(f"[premise] ----  ERM source-domain validation: {len(erm)} of {len(world.ENVIRONMENTS)} runs finished; "
+            f"`python -m scmd.world check --erm` runs them (about 4 min each on one core)")
+    return ok
 
 
 # ---------------------------------------------------------------------------------------------------------

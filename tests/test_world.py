@@ -87,7 +87,7 @@ def test_crash_leaves_no_half_world(tmp_path, monkeypatch):
 
 
 # sha256 of the raw pixels of image 0 of every (env, class) of the current WORLD_VERSION
-WORLD_PIXEL_DIGEST = "289d0872e9b27f466248a510461c810551d8a169c7dd1dcd40d109b7b814de0d"
+WORLD_PIXEL_DIGEST = "76ea7c919a7170f23edfcadcb2b8f786c54f2775026a33af6cb5b8ba0fbfbe2d"
 
 
 def test_rendered_pixels_match_the_world_version():
@@ -99,7 +99,7 @@ def test_rendered_pixels_match_the_world_version():
     for env in world.ENVIRONMENTS:
         for ci in range(len(world.CLASSES)):
             h.update(world.render(world.dataset_scene(env, ci, 0))[0].tobytes())
-    assert world.WORLD_VERSION == "embedded-world-v3"
+    assert world.WORLD_VERSION == "embedded-world-v4"
     assert h.hexdigest() == WORLD_PIXEL_DIGEST
 
 
@@ -210,6 +210,22 @@ def test_captions_name_the_object():
     meta = {"cls": "traffic_light", "style": "sketch", "pattern": "grid", "bg_colour": "blue", "obj_colour": "red"}
     for _ in range(50):
         assert "traffic light" in world_pretrain.caption(meta, r)
+    meta = dict(meta, style="photo")
+    caps = [world_pretrain.caption(meta, r) for _ in range(400)]
+    assert any("red" in c or "blue" in c for c in caps)  # colour words occur ...
+    free = [world_pretrain.caption(meta, r, colourless=True) for _ in range(400)]
+    assert not any("red" in c or "blue" in c for c in free)  # ... but never for a colour-augmented image
+    assert all("traffic light" in c for c in free)
+
+
+def test_shortcut_premise_is_measured_from_the_scenes():
+    from scmd import world_pretrain
+
+    shares = world_pretrain.shortcut_shares(n_per_env=800)
+    for env in world.ENVIRONMENTS:
+        own = world.NUISANCE_STRENGTH[env] + (1 - world.NUISANCE_STRENGTH[env]) / 64
+        assert abs(shares[env][env] - own) < 0.05
+        assert all(shares[env][o] < 0.05 for o in world.ENVIRONMENTS if o != env)
 
 
 # ---------------------------------------------------------------------------------------------------------
