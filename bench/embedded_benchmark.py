@@ -8,7 +8,7 @@ Each run is `scmd_ref.py --dataset embedded --algorithm A --test-env E --seed S 
 selection` in its own folder under `<out>/<world version>_<settings>/`. scmd_ref.py reuses a finished folder only
 when its recorded settings equal the requested ones (and continues an unfinished one from its checkpoint), so an
 interrupted benchmark continues and a benchmark with other settings never reuses these runs. Runs are scheduled
-erm and scmd first, so that a partial benchmark already holds the main comparison.
+seed by seed, erm and scmd first within a seed, so that a partial benchmark already holds paired comparisons.
 
 The test accuracy of a run is DomainBed's training-domain validation choice: the held-out domain's in-split
 accuracy at the record with the best mean out-split accuracy over the source domains. The table gives mean +-
@@ -294,7 +294,7 @@ def main() -> None:
     if not args.report:
         world.ensure_dataset(args.data_dir)
         order = [a for a in SCHEDULE if a in args.algorithms]
-        jobs = [(a, e, s) for a in order for s in args.seeds for e in envs]
+        jobs = [(a, e, s) for s in args.seeds for a in order for e in envs]  # seed by seed: pairs early
         print(f"{len(jobs)} runs, {args.parallel} at a time, {args.threads} thread(s) each, in "
               f"{Path(args.out) / args.tag}; commit {git_commit()}", flush=True)
         t0 = time.time()
