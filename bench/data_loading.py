@@ -143,7 +143,7 @@ def main(argv=None) -> dict:
         raise SystemExit(f"data_loading: --test-env {args.test_env} out of range (0..{n_envs - 1})")
     train_envs = [e for e in range(n_envs) if e != args.test_env]
     in_memory = preload and not args.dataset_root  # the embedded world: batched tensor augmentation (scmd.augment)
-    store = D.ImageStore(index, preload=preload, allow_truncated=False, as_tensors=in_memory)
+    store = D.ImageStore(index, preload=preload, as_tensors=in_memory)
     splits = [D.in_out_split(len(index.paths[e]), 0.2, 0, e) for e in range(n_envs)]
     setup_s = time.perf_counter() - t
     print(f"[data_loading] {name}: {index.n_samples} images in {n_envs} domains, {size} px, preload={preload}, "

@@ -55,6 +55,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import scmd_ref as S  # noqa: E402
+from scmd import models as M  # noqa: E402
 from scmd.hparams import make_hparams  # noqa: E402
 
 PHASES = ["data", "selection_pass", "d2h_losses", "ranking", "bookkeeping", "teacher", "student_fwd_loss",
@@ -405,10 +406,9 @@ def build_models(scale: str, device: torch.device, seed: int = 0, n_classes: Opt
     if n_classes is not None and n_classes != len(names):
         names = [f"class {i}" for i in range(n_classes)]
     clip = open_clip.create_model(teacher_name, pretrained=None).to(device).eval().requires_grad_(False)
-    if S.open_clip_image_size(clip) != image_size:
-        raise SystemExit(f"teacher {teacher_name} expects {S.open_clip_image_size(clip)} px, student {image_size}")
-    tok_args = argparse.Namespace(teacher=teacher_name, selector="torch")
-    tokens = S.tokenize(tok_args, S.class_prompts(S.SCMD_PROMPT, names)).to(device)
+    if M.image_size_of(clip) != image_size:
+        raise SystemExit(f"teacher {teacher_name} expects {M.image_size_of(clip)} px, student {image_size}")
+    tokens = M.tokenize(teacher_name, M.class_prompts(S.SCMD_PROMPT, names), use_fastsel=False).to(device)
     teacher = S.Teacher(clip, tokens, renorm=False)
     student = S.Student(backbone, len(names), 0.0).to(device)
     g = torch.Generator().manual_seed(seed + 1)
@@ -479,7 +479,7 @@ def make_case(models: Models, name: str, batch: int, seed: int = 0, selector: st
                                                                                        models.n_envs)
     sel = S.Selector("torch" if authors else selector, False, hp["worst_case_p"], trk)
     use_teacher = S.ALGORITHMS[algo][1] or S.ALGORITHMS[algo][2]
-    tr = S.SCMDTrainer(args, hp, student, models.teacher if use_teacher else None, models.n_envs, sel, dev)
+    tr = S.SCMDTrainer(args, hp, student, models.teacher if use_teacher else None, sel, dev)
     tr.sma.global_iter = S.SMA_START_ITER - 1  # time the averaging branch (the steady state), not the copy
     case = Case(name, algo, tr, authors=authors, channels_last="channels_last" in variants,
                 pinned="pinned" in variants, tracker_desc=trk_desc)

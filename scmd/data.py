@@ -13,15 +13,15 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, List, Optional, Sequence
+from typing import List, Optional
 
 import numpy as np
 import torch
 from PIL import Image, ImageFile, UnidentifiedImageError
 from torchvision import transforms
 
-from scmd import augment, world
-from scmd.errors import DataError, UsageError
+from scmd import augment
+from scmd.errors import DataError
 from scmd.hparams import seed_hash
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -29,54 +29,6 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
-
-
-@dataclass(frozen=True)
-class DatasetInfo:
-    """One dataset's protocol and defaults: everything that differs between datasets lives here."""
-
-    folder: str  # directory under --data-dir
-    domainbed_name: str  # DomainBed's dataset class name (written to results.jsonl)
-    envs: Sequence[str]  # expected env folders, sorted
-    steps: int = 5001  # training steps (spec 7)
-    checkpoint_freq: int = 300  # evaluate every N steps (spec 7)
-    image_size: int = 224  # input size of student and teacher
-    student: str = "resnet50"  # --student default
-    student_weights: str = "v2"  # --student-weights default (torchvision's DEFAULT, as the authors)
-    teacher: str = "ViT-B-32-quickgelu"  # open_clip model name
-    teacher_weights: str = "openai"  # open_clip pretrained tag or a local file
-    lr: float = 5e-5  # default lr (the spec's; its random search is scaled alike)
-    in_memory: bool = False  # decode every image once and augment whole batches as tensors (scmd.augment)
-    generate: Optional[Callable[..., Path]] = None  # makes the folder: (data_dir, progress, n_per_class) -> root;
-    # None: the folder must exist (or be fetched with --download)
-
-
-DATASETS = {
-    "embedded": DatasetInfo(
-        world.DATASET_DIRNAME, "EmbeddedWorld", tuple(world.ENVIRONMENTS), image_size=world.IMAGE_SIZE,
-        student=world.STUDENT_NAME, student_weights=str(world.STUDENT_WEIGHTS), teacher=world.TEACHER_MODEL_NAME,
-        teacher_weights=str(world.TEACHER_WEIGHTS), lr=world.LR, in_memory=True, generate=world.ensure_dataset,
-    ),
-    "vlcs": DatasetInfo("VLCS", "VLCS", ("Caltech101", "LabelMe", "SUN09", "VOC2007")),
-    "pacs": DatasetInfo("PACS", "PACS", ("art_painting", "cartoon", "photo", "sketch")),
-    "officehome": DatasetInfo("office_home", "OfficeHome", ("Art", "Clipart", "Product", "Real World")),
-    "terraincognita": DatasetInfo(
-        "terra_incognita", "TerraIncognita", ("location_100", "location_38", "location_43", "location_46")
-    ),
-    "domainnet": DatasetInfo(
-        "domain_net", "DomainNet", ("clipart", "infograph", "painting", "quickdraw", "real", "sketch"),
-        checkpoint_freq=1000,
-    ),
-}
-DATASET_ALIASES = {"office_home": "officehome", "terra_incognita": "terraincognita", "domain_net": "domainnet"}
-
-
-def canonical_dataset(name: str, known: Sequence[str]) -> str:
-    key = name.lower().replace("-", "")
-    key = DATASET_ALIASES.get(key, key)
-    if key not in known:
-        raise UsageError(f"unknown dataset {name!r}; choose one of: {', '.join(known)}")
-    return key
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -215,38 +167,72 @@ def eval_transform(size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> transform
     ])
 
 
-def load_rgb(path: str) -> Image.Image:
-    """Open an image as RGB, or fail naming the file."""
+def load_rgb(path: str, truncated: str = "refuse", log: Optional[str] = None) -> Image.Image:
+    """Open an image as RGB, or fail naming the file. A truncated file is loaded padded (``truncated="pad"``,
+    DomainBed's ``LOAD_TRUNCATED_IMAGES = True``) and its path appended to ``log``, or refused."""
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
     try:
         with Image.open(path) as im:
             return im.convert("RGB")
+    except Image.DecompressionBombError as e:
+        raise DataError(f"image {path} is over PIL's decompression-bomb limit ({e}); shrink or remove the "
+                        f"file") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
-        hint = ""
-        if "truncated" in str(e):
-            hint = " (rerun with --allow-truncated-images to load it padded, as DomainBed does)"
-        raise DataError(f"cannot read image {path}: {e}{hint}") from None
+        if "truncated" not in str(e) or truncated != "pad":
+            hint = " (DomainBed loads it padded: rerun without --refuse-truncated-images)" if "truncated" in str(e) \
+                else ""
+            raise DataError(f"cannot read image {path}: {e}{hint}") from None
+    ImageFile.LOAD_TRUNCATED_IMAGES = True
+    try:
+        with Image.open(path) as im:
+            img = im.convert("RGB")
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        raise DataError(f"cannot read image {path}, even padded: {e}") from None
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = False
+    if log is not None and path not in _TRUNCATED_SEEN:
+        _TRUNCATED_SEEN.add(path)
+        fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)  # one line per write: workers share it
+        try:
+            os.write(fd, (path + "\n").encode())
+        finally:
+            os.close(fd)
+    return img
+
+
+_TRUNCATED_SEEN: set = set()  # per process: each truncated file is logged once
+
+
+def truncated_files(log: str) -> List[str]:
+    """The distinct files listed in a truncated-images log (several loader processes append to it)."""
+    if not os.path.exists(log):
+        return []
+    return sorted(set(Path(log).read_text().split("\n")) - {""})
 
 
 class ImageStore:
     """Paths -> PIL images; optionally decoded once and kept in memory (small datasets). With ``as_tensors``
-    (all images of one size) each env is one uint8 tensor (n, 3, H, W) that ``scmd.augment`` works on."""
+    (all images of one size) each env is one uint8 tensor (n, 3, H, W) that ``scmd.augment`` works on.
+    ``truncated``: "pad" (DomainBed) or "refuse"; padded files are listed in ``truncated_log``."""
 
-    def __init__(self, index: DomainIndex, preload: bool, allow_truncated: bool, as_tensors: bool = False):
+    def __init__(self, index: DomainIndex, preload: bool, truncated: str = "refuse", as_tensors: bool = False,
+                 truncated_log: Optional[str] = None):
         self.index = index
-        self.allow_truncated = allow_truncated
-        ImageFile.LOAD_TRUNCATED_IMAGES = allow_truncated
+        self.truncated, self.truncated_log = truncated, truncated_log
         self.cache = None
         self.tensors = None
         if preload or as_tensors:
-            self.cache = [[load_rgb(p) for p in env_paths] for env_paths in index.paths]
+            self.cache = [[self._load(p) for p in env_paths] for env_paths in index.paths]
         if as_tensors:
             self.tensors = [_stack_images(imgs, paths) for imgs, paths in zip(self.cache, index.paths)]
+
+    def _load(self, path: str) -> Image.Image:
+        return load_rgb(path, self.truncated, self.truncated_log)
 
     def get(self, env: int, i: int) -> Image.Image:
         if self.cache is not None:
             return self.cache[env][i]
-        ImageFile.LOAD_TRUNCATED_IMAGES = self.allow_truncated  # also inside worker processes
-        return load_rgb(self.index.paths[env][i])
+        return self._load(self.index.paths[env][i])
 
 
 def _stack_images(imgs: List[Image.Image], paths: List[str]) -> torch.Tensor:

@@ -34,3 +34,9 @@ def one_line(exc: BaseException) -> str:
         last = text.splitlines()[-1]
         return last.split(": ", 1)[1] if ": " in last else last
     return text
+
+
+def first_line(exc: BaseException) -> str:
+    """The first non-empty line of an error's message, or its type name when the message is empty."""
+    lines = [ln for ln in one_line(exc).splitlines() if ln.strip()]
+    return lines[0] if lines else type(exc).__name__

@@ -8,18 +8,22 @@ import json
 import os
 import random
 import tempfile
+import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
 import numpy as np
 import torch
 
-from scmd.errors import DataError, UsageError
+from scmd.errors import DataError, UsageError, first_line
 
 RESULTS = "results.jsonl"
 DONE = "done"
 CKPT_LAST = "checkpoint_last.pt"
 CKPT_BEST = "checkpoint_best.pt"
+LOCK = ".lock"
+LOCK_HOLDER = ".lock.holder"
+TRUNCATED = "truncated_images.txt"
 
 
 def fingerprint_hash(fingerprint: dict) -> str:
@@ -47,6 +51,8 @@ def check_finished_run(out: Path, fingerprint: dict) -> None:
 
 def prepare_output_dir(path: Path) -> None:
     """Create the output folder and prove it is writable, before any work is done."""
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"output folder {path} is a file; pass another --output-dir")
     try:
         path.mkdir(parents=True, exist_ok=True)
         probe = path / ".write_probe"
@@ -56,8 +62,36 @@ def prepare_output_dir(path: Path) -> None:
         raise UsageError(f"output folder {path} is not writable ({e.strerror}); pass --output-dir DIR") from None
 
 
+@contextlib.contextmanager
+def run_lock(out: Path):
+    """One run per folder: an exclusive lock on ``out/.lock`` for the whole run (released by the OS if the
+    process dies). A second run into the folder fails at once, naming the holder."""
+    from filelock import FileLock, Timeout
+
+    lock = FileLock(str(out / LOCK))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        try:
+            holder = (out / LOCK_HOLDER).read_text().strip()
+        except OSError:
+            holder = "holder unknown"
+        raise UsageError(f"{out} is in use by another run ({holder}); wait for it to finish, or pass another "
+                         f"--output-dir") from None
+    try:
+        import socket
+
+        (out / LOCK_HOLDER).write_text(f"pid {os.getpid()} on {socket.gethostname()}, since "
+                                       f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        yield
+    finally:
+        (out / LOCK_HOLDER).unlink(missing_ok=True)
+        lock.release()
+
+
 def remove_stale_temps(path: Path) -> None:
-    """Temporary files of writes that a crash interrupted (they are never renamed into place)."""
+    """Temporary files of writes that a crash interrupted (they are never renamed into place). Call it only
+    under the run's lock: another run's temporary files would be in use."""
     for p in path.glob(".*.tmp"):
         p.unlink(missing_ok=True)
 
@@ -70,20 +104,35 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+FILE_MODE = 0o666 & ~_umask()  # outputs are readable as the user's umask says (mkstemp alone gives 0600)
+
+
 @contextlib.contextmanager
 def _replaced_atomically(path: Path):
     """Yields a temporary path beside `path`; once the body has written it, it is fsynced and renamed over
-    `path` (readers see the old file or the new one, never a part). On error the temporary file goes."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    `path` (readers see the old file or the new one, never a part). On error the temporary file goes, and an
+    I/O error (disk full, read-only folder) is one DataError naming the path."""
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+        os.chmod(tmp, FILE_MODE)
         yield tmp
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
         _fsync_dir(path.parent)
+    except OSError as e:
+        raise DataError(f"cannot write {path}: {e.strerror or e}; free space or pass another --output-dir "
+                        f"(the run can be resumed)") from None
     finally:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
 
 
@@ -100,12 +149,17 @@ def atomic_torch_save(obj, path: Path) -> None:
 def append_record(path: Path, record: dict) -> None:
     """Append one JSON line in a single write, then fsync: a crash leaves at most a torn last line."""
     line = (json.dumps(record, sort_keys=True) + "\n").encode("utf-8")
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
-        os.write(fd, line)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+        try:
+            if os.write(fd, line) != len(line):
+                raise OSError(28, "short write (disk full?)")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as e:
+        raise DataError(f"cannot write {path}: {e.strerror or e}; free space or pass another --output-dir "
+                        f"(the run can be resumed)") from None
 
 
 def read_records(path: Path) -> List[dict]:
@@ -164,7 +218,7 @@ def load_checkpoint(path: Path) -> Optional[dict]:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unreadable checkpoint is reported the same way
-        raise DataError(f"checkpoint {path} cannot be read ({type(e).__name__}: {str(e).splitlines()[0]}); "
+        raise DataError(f"checkpoint {path} cannot be read ({type(e).__name__}: {first_line(e)}); "
                         f"delete it to start the run afresh") from None
 
 

@@ -49,7 +49,7 @@ def make_trainer(algorithm="scmd", horizon=5000, hp=None, n_classes=4):
     hparams.update(hp or {})
     student = S.Student(TinyBackbone(), n_classes, hparams["resnet_dropout"])
     selector = S.Selector("torch", False, hparams["worst_case_p"], None)
-    return S.SCMDTrainer(args, hparams, student, FixedTeacher(n_classes), 3, selector, torch.device("cpu"))
+    return S.SCMDTrainer(args, hparams, student, FixedTeacher(n_classes), selector, torch.device("cpu"))
 
 
 def batch(n=96, n_classes=4, seed=0):
@@ -206,6 +206,6 @@ def test_student_and_projector_shapes_for_resnet50():
     tr_args = argparse.Namespace(algorithm="scmd", selection_horizon=5000)
     hp = {"lambda1": 0.5, "lambda2": 0.5, "temperature": 3.0, "worst_case_p": 0.2, "last_k_epoch": 0.25,
           "lr": 5e-5, "weight_decay": 0.0, "batch_size": 32, "resnet_dropout": 0.0}
-    tr = S.SCMDTrainer(tr_args, hp, st, FixedTeacher(7, 512), 4, S.Selector("torch", False, 0.2, None),
+    tr = S.SCMDTrainer(tr_args, hp, st, FixedTeacher(7, 512), S.Selector("torch", False, 0.2, None),
                        torch.device("cpu"))
     assert tuple(tr.projector.weight.shape) == (512, 2048) and tr.projector.bias is None

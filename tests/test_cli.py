@@ -17,7 +17,9 @@ import torch
 from PIL import Image
 
 import scmd_ref
+from scmd import run as R
 from scmd import world
+from scmd.settings import fastsel_available
 
 ROOT = Path(__file__).resolve().parent.parent
 QUICK = ["--world-per-class", "6", "--steps", "7", "--checkpoint-freq", "3", "--no-progress", "--workers", "0"]
@@ -31,7 +33,7 @@ def data_dir(tmp_path_factory) -> Path:
 
 
 def run_cli(argv, capsys):
-    code = scmd_ref.cli(argv)
+    code = R.cli(scmd_ref.main, argv)
     err = capsys.readouterr().err
     return code, err
 
@@ -77,7 +79,7 @@ def test_short_run_writes_domainbed_records_and_report(tmp_path, data_dir, capsy
     torch.load(out / "checkpoint_best.pt", weights_only=True)
 
 
-@pytest.mark.skipif(not scmd_ref.fastsel_available(), reason="fastsel not built")
+@pytest.mark.skipif(not fastsel_available(), reason="fastsel not built")
 def test_fastsel_and_torch_selectors_give_the_same_run(tmp_path, data_dir, capsys):
     outs = {}
     for sel in ("torch", "fastsel"):
@@ -176,9 +178,66 @@ CATALOGUE = [
      "do not fit", 2),
     ("resume without checkpoint", lambda t, d: ["--data-dir", str(d), "--resume", "yes", "--output-dir",
                                                 str(t / "fresh"), *QUICK], "no checkpoint", 2),
-    ("NaN loss", lambda t, d: ["--data-dir", str(d), "--output-dir", str(t / "nan"), "--hparams",
-                               '{"lr": 1e10}', *QUICK], "at step", 1),
+    ("absurd lr", lambda t, d: ["--hparams", '{"lr": 1e10}'], r"hparam lr must be in \(0.0, 1.0\]", 2),
+    # every hparam a finite number in its range, and a kept count of at least one sample
+    ("NaN lambda", lambda t, d: ["--hparams", '{"lambda1": NaN}'], "lambda1 must be a finite number", 2),
+    ("infinite temperature", lambda t, d: ["--hparams", '{"temperature": Infinity}'], "temperature", 2),
+    ("absurd lambda", lambda t, d: ["--hparams", '{"lambda2": 1e6}'], r"lambda2 must be in \[0.0, 100.0\]", 2),
+    ("negative weight decay", lambda t, d: ["--hparams", '{"weight_decay": -1e-4}'], "weight_decay", 2),
+    ("batch size 0", lambda t, d: ["--hparams", '{"batch_size": 0}'], "batch_size", 2),
+    ("fractional batch size", lambda t, d: ["--hparams", '{"batch_size": 3.5}'], "whole number", 2),
+    ("kept count 0", lambda t, d: ["--hparams", '{"worst_case_p": 0.001}'], "keeps no sample", 2),
+    ("kept count 0 per domain", lambda t, d: ["--select-per-domain", "--hparams", '{"worst_case_p": 0.02}'],
+     "keeps no sample of each domain", 2),
+    ("authors' key with another value", lambda t, d: ["--hparams", '{"SMA": false}'], "SMA", 2),
+    # flags
+    ("negative seed", lambda t, d: ["--seed", "-1"], r"--seed must be in \[0, 4294967295\]", 2),
+    ("huge trial seed", lambda t, d: ["--trial-seed", str(2**40)], "--trial-seed must be in", 2),
+    ("negative workers", lambda t, d: ["--workers", "-1"], "--workers must be in", 2),
+    ("device syntax", lambda t, d: ["--device", "gpu"], "--device must be auto, cpu, cuda or cuda:N", 2),
+    ("device index syntax", lambda t, d: ["--device", "cuda:x"], "--device must be", 2),
+    ("prompt with two fields", lambda t, d: ["--prompt", "a {} and a {}"], "exactly one", 2),
+    ("prompt with a named field", lambda t, d: ["--prompt", "a {x} {}"], "exactly one", 2),
+    ("prompt with a numbered field", lambda t, d: ["--prompt", "a photo of a {0}"], "exactly one", 2),
+    ("prompt with a conversion", lambda t, d: ["--prompt", "a photo of a {!r}"], "exactly one", 2),
+    ("prompt with an open brace", lambda t, d: ["--prompt", "a photo of a {"], "not a valid template", 2),
+    ("image size 0", lambda t, d: ["--image-size", "0"], r"--image-size must be in \[32, 4096\]", 2),
+    ("image size 16", lambda t, d: ["--image-size", "16"], "--image-size must be in", 2),
+    ("checkpoint freq 0", lambda t, d: ["--checkpoint-freq", "0"], "--checkpoint-freq must be >= 1", 2),
+    ("save every 0", lambda t, d: ["--save-every", "0"], "--save-every must be >= 1", 2),
+    ("holdout fraction 0", lambda t, d: ["--holdout-fraction", "0"], "--holdout-fraction must be in", 2),
+    ("holdout fraction 1", lambda t, d: ["--holdout-fraction", "1"], "--holdout-fraction must be in", 2),
+    ("holdout leaves no validation split", lambda t, d: ["--data-dir", str(d), "--holdout-fraction", "0.01",
+                                                         *QUICK], "no validation images", 2),
+    ("unknown flag", lambda t, d: ["--frobnicate"], "unrecognized arguments: --frobnicate", 2),
+    ("non-integer steps", lambda t, d: ["--steps", "ten"], "invalid int value", 2),
+    # I/O
+    ("data dir is a file", lambda t, d: ["--data-dir", str(_a_file(t)), *QUICK], "is a file", 2),
+    ("output dir is a file", lambda t, d: ["--output-dir", str(_a_file(t)), "--data-dir", str(d), *QUICK],
+     "is a file", 2),
+    ("empty checkpoint file", lambda t, d: _empty_checkpoint(t, d), "checkpoint .* cannot be read", 2),
+    ("weights with missing and unexpected keys", lambda t, d: _misfit_weights(t, d),
+     r"1 missing keys \(fc.bias\); 1 unexpected keys \(extra.weight\)", 2),
+    ("image over the decompression-bomb limit", lambda t, d: _vlcs(t, bomb=True), "decompression-bomb limit", 2),
+    ("truncated image with --refuse-truncated-images", lambda t, d: [*_vlcs(t, truncated=True),
+                                                                     "--refuse-truncated-images"], "truncated", 2),
 ]
+
+
+def _empty_checkpoint(t: Path, d: Path):
+    (t / "out").mkdir()
+    (t / "out" / "checkpoint_last.pt").write_bytes(b"")
+    return ["--data-dir", str(d), *QUICK]
+
+
+def _misfit_weights(t: Path, d: Path):
+    import torchvision
+
+    sd = torchvision.models.resnet18(weights=None).state_dict()
+    del sd["fc.bias"]
+    sd["extra.weight"] = torch.zeros(1)
+    torch.save(sd, t / "r18.pt")
+    return ["--data-dir", str(d), "--student", "resnet18", "--student-weights", str(t / "r18.pt"), *QUICK]
 
 
 def _a_file(t: Path) -> Path:
@@ -192,7 +251,7 @@ def _file_dataset(t: Path):
     return ["--dataset", "vlcs", "--data-dir", str(t), *TINY_REAL]
 
 
-def _vlcs(t: Path, classes_of=None, empty_class=None, zero_byte=None, loop=None):
+def _vlcs(t: Path, classes_of=None, empty_class=None, zero_byte=None, loop=None, bomb=False, truncated=False):
     classes = ["bird", "car", "chair", "dog", "person"]
     root = t / "VLCS"
     for e in VLCS_ENVS:
@@ -204,11 +263,23 @@ def _vlcs(t: Path, classes_of=None, empty_class=None, zero_byte=None, loop=None)
         (root / zero_byte[0] / zero_byte[1] / "1.png").write_bytes(b"")
     if loop:
         os.symlink("..", root / loop[0] / loop[1] / "again")
+    if bomb:  # over twice PIL's pixel limit: PIL refuses to decode it
+        Image.new("RGB", (4000, 4000)).save(root / "SUN09" / "car" / "big.png")
+        Image.MAX_IMAGE_PIXELS = 4_000_000  # restored by the test
+    if truncated:
+        _truncated_jpeg(root / "LabelMe" / "dog" / "cut.jpg")
     return ["--dataset", "vlcs", "--data-dir", str(t), "--output-dir", str(t / "out"), *TINY_REAL]
 
 
+def _truncated_jpeg(path: Path) -> None:
+    g = np.random.default_rng(0)
+    Image.fromarray(g.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(path, format="JPEG", quality=95)
+    path.write_bytes(path.read_bytes()[:-400])  # the end of the entropy-coded data is gone
+
+
 @pytest.mark.parametrize("name,argv,fragment,code", CATALOGUE, ids=_case_ids(CATALOGUE))
-def test_bad_input_gives_one_clear_line(name, argv, fragment, code, tmp_path, data_dir, capsys):
+def test_bad_input_gives_one_clear_line(name, argv, fragment, code, tmp_path, data_dir, capsys, monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)  # restored after the bomb case
     args = argv(tmp_path, data_dir)
     if "--output-dir" not in args:
         args += ["--output-dir", str(tmp_path / "out")]
@@ -265,11 +336,95 @@ def test_finished_run_is_reused_only_with_the_same_settings(tmp_path, data_dir, 
 
 
 def test_default_output_folder_names_the_settings():
-    a = scmd_ref.resolve_settings(scmd_ref.parse_args(["--steps", "20"]))
-    b = scmd_ref.resolve_settings(scmd_ref.parse_args(["--steps", "21"]))
-    fa = scmd_ref.run_fingerprint(a, {"lr": 5e-5})
-    fb = scmd_ref.run_fingerprint(b, {"lr": 5e-5})
+    from scmd import settings
+
+    fa, fb = (settings.fingerprint(*settings.resolve(settings.parse(scmd_ref.Settings, ["--steps", n], ""),
+                                                     scmd_ref.ALGORITHMS)) for n in ("20", "21"))
     from scmd import outputs
 
     assert outputs.fingerprint_hash(fa) != outputs.fingerprint_hash(fb)
     assert outputs.fingerprint_hash(fa) == outputs.fingerprint_hash(dict(fa))
+
+
+def test_disk_full_while_checkpointing_is_one_line_and_leaves_no_temp_file(tmp_path, data_dir, capsys, monkeypatch):
+    from scmd import outputs
+
+    def full(obj, f, *a, **k):
+        Path(f).write_bytes(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(outputs.torch, "save", full)
+    out = tmp_path / "run"
+    code, err = run_cli(["--data-dir", str(data_dir), "--output-dir", str(out), *QUICK], capsys)
+    line = last_error_line(err)
+    assert code == 2 and "cannot write" in line and "No space left on device" in line and "checkpoint" in line
+    assert "Traceback" not in err
+    assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
+    assert not (out / "done").exists()
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_read_only_data_dir_is_one_line(tmp_path, capsys):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    code, err = run_cli(["--data-dir", str(ro), "--output-dir", str(tmp_path / "out"), *QUICK], capsys)
+    assert code == 2 and str(ro) in last_error_line(err) and "writable --data-dir" in last_error_line(err)
+
+
+def test_truncated_images_are_loaded_padded_as_domainbed_and_listed(tmp_path, capsys):
+    args = _vlcs(tmp_path, truncated=True)
+    code, err = run_cli(args, capsys)
+    assert code == 0, err
+    out = tmp_path / "out"
+    listed = (out / "truncated_images.txt").read_text().split()
+    assert [Path(p).name for p in set(listed)] == ["cut.jpg"]
+    warn = [ln for ln in err.splitlines() if "truncated image file(s)" in ln]
+    assert len(warn) == 1 and "1 truncated" in warn[0] and str(out / "truncated_images.txt") in warn[0]
+    assert json.loads((out / "summary.json").read_text())["truncated_images"] == 1
+
+
+def test_domainbed_spellings_are_accepted(tmp_path, data_dir, capsys):
+    """--data_dir, --output_dir, --test_envs and DomainBed's algorithm names, as its users type them."""
+    out = tmp_path / "run"
+    quick = [a for a in QUICK]
+    code, err = run_cli(["--data_dir", str(data_dir), "--output_dir", str(out), "--algorithm", "ERM", "--test_envs",
+                         "1", *quick], capsys)
+    assert code == 0, err
+    r = records(out)[0]
+    assert r["args"]["algorithm"] == "ERM" and r["args"]["test_envs"] == [1] and r["scmd_args"]["algorithm"] == "erm"
+    from scmd import settings
+
+    for name, ours in [("SCMD_no_CM", "scmd-no-cm"), ("scmd_NO_select", "scmd-no-select"), ("Kd", "kd")]:
+        s, _ = settings.resolve(settings.parse(scmd_ref.Settings, ["--algorithm", name], ""), scmd_ref.ALGORITHMS)
+        assert s.algorithm == ours
+
+
+def test_help_and_bad_flags_answer_before_torch_is_imported():
+    for argv in (["--help"], ["--steps", "0"], ["--prompt", "x"]):
+        r = subprocess.run([sys.executable, "-X", "importtime", str(ROOT / "scmd_ref.py"), *argv],
+                           capture_output=True, text=True)
+        imported = {ln.split("|")[-1].strip() for ln in r.stderr.splitlines() if ln.startswith("import time:")}
+        assert "torch" not in imported and "numpy" in imported, argv
+        assert r.returncode == (0 if argv == ["--help"] else 2)
+
+
+def test_every_tensor_of_the_models_follows_the_device(data_dir):
+    """The student, teacher (its text features and --teacher-renorm's normalisation buffers), projector,
+    theta and the SMA copy all live on the run's device; checked on the meta device, which needs no GPU."""
+    from types import SimpleNamespace
+
+    from scmd import settings
+
+    s, hp = settings.resolve(settings.parse(scmd_ref.Settings, ["--teacher-renorm"], ""), scmd_ref.ALGORITHMS)
+    dev = torch.device("meta")
+    index = SimpleNamespace(classes=world.CLASSES, envs=world.ENVIRONMENTS, n_samples=100)
+    tr, clip, _ = scmd_ref.build_models(s, hp, index, dev)  # what the run builds
+    tensors = {**{f"student.{k}": v for k, v in tr.student.state_dict().items()},
+               **{f"teacher.{k}": v for k, v in tr.teacher.state_dict().items()},
+               **{f"projector.{k}": v for k, v in tr.projector.state_dict().items()},
+               **{f"sma.{k}": v for k, v in tr.sma.net.state_dict().items()}, "theta": tr.theta}
+    assert "teacher.renorm_a" in tensors and "teacher.t_hat" in tensors
+    tensors.update({f"clip.{k}": v for k, v in clip.state_dict().items()})
+    off = sorted(k for k, v in tensors.items() if v.device != dev)
+    assert not off, off

@@ -142,11 +142,12 @@ def test_aliases(alias, key):
     assert dl.canonical_name(alias) == key
 
 
-def test_folders_and_domains_match_the_data_module():
-    data = pytest.importorskip("scmd.data")
+def test_folders_and_domains_match_the_dataset_table():
+    from scmd.datasets import DATASETS
+
     for key, spec in dl.SPECS.items():
-        assert spec.folder == data.DATASETS[key].folder
-        assert sorted(spec.envs) == sorted(data.DATASETS[key].envs)
+        assert spec.folder == DATASETS[key].folder
+        assert sorted(spec.envs) == sorted(DATASETS[key].envs)
 
 
 def test_sources_are_domainbeds():

@@ -13,6 +13,7 @@ from torchvision.datasets import ImageFolder
 from scmd import data as D
 from scmd import outputs as O
 from scmd import world
+from scmd.datasets import DATASETS
 from scmd.errors import DataError, UsageError
 from scmd.hparams import make_hparams, seed_hash
 
@@ -38,12 +39,10 @@ def test_default_hparams_are_the_scmd_defaults():
 
 
 def test_every_dataset_runs_the_spec_protocol_and_the_world_deviates_only_in_its_lr():
-    from scmd import data as D
-
-    for name, info in D.DATASETS.items():
+    for name, info in DATASETS.items():
         assert (info.steps, info.checkpoint_freq) == ((5001, 1000) if name == "domainnet" else (5001, 300)), name
         assert info.lr == (world.LR if name == "embedded" else 5e-5), name
-    emb = make_hparams("embedded", 0, 0, lr=D.DATASETS["embedded"].lr)
+    emb = make_hparams("embedded", 0, 0, lr=DATASETS["embedded"].lr)
     vlcs = make_hparams("vlcs", 0, 0)
     assert emb["lr"] == world.LR and {k: v for k, v in emb.items() if k != "lr"} == {
         k: v for k, v in vlcs.items() if k != "lr"}
@@ -69,19 +68,35 @@ def test_random_hparams_vector():
     assert hp["batch_size"] == 32 and hp["resnet_dropout"] == 0
 
 
+def test_the_authors_sweep_json_is_accepted_where_it_says_what_we_do():
+    authors = ('{"resnet18": false, "resnet_dropout": 0, "nonlinear_classifier": false, "data_augmentation": true, '
+               '"clip_backbone": "ViT-B/32", "student_model": "resnet", "SMA": true, "batch_size": 32}')
+    assert make_hparams("vlcs", 1, 0, authors) == make_hparams("vlcs", 1, 0, '{"batch_size": 32, "resnet_dropout": 0}')
+    ours18 = {"student": "resnet18", "teacher": "ViT-B-32-quickgelu"}
+    assert make_hparams("vlcs", 0, 0, '{"resnet18": true}', ours=ours18) == make_hparams("vlcs", 0, 0)
+    with pytest.raises(UsageError, match="clip_backbone"):  # the embedded world's teacher is not ViT-B/32
+        make_hparams("embedded", 0, 0, authors, ours={"student": "embedded_student", "teacher": "embedded_teacher"})
+
+
 @pytest.mark.parametrize("bad,fragment", [
     ("{not json", "not valid JSON"), ('{"lambda3": 1}', "unknown hparam"), ("[1]", "JSON object"),
     ('{"worst_case_p": 1.5}', "worst_case_p"), ('{"worst_case_p": -0.1}', "worst_case_p"),
-    ('{"temperature": 0}', "temperature"), ('{"lr": "fast"}', "must be a number")])
+    ('{"temperature": 0}', "temperature"), ('{"lr": "fast"}', "must be a finite number"),
+    ('{"lr": 1e10}', r"lr must be in \(0.0, 1.0\]"),
+    ('{"lambda1": NaN}', "finite"), ('{"lambda2": Infinity}', "finite"), ('{"lambda1": 1000}', r"\[0.0, 100.0\]"),
+    ('{"weight_decay": -1}', "weight_decay"), ('{"batch_size": 0}', "batch_size"), ('{"batch_size": 3.5}', "whole"),
+    ('{"resnet_dropout": 1}', "resnet_dropout"), ('{"temperature": true}', "finite number"),
+    ('{"SMA": false}', "SMA=True"), ('{"class_balanced": true}', "class_balanced"),
+    ('{"clip_backbone": "RN50"}', "clip_backbone"), ('{"resnet18": true}', "--student resnet18")])
 def test_bad_hparams_are_usage_errors(bad, fragment):
     with pytest.raises(UsageError, match=fragment):
         make_hparams("pacs", 0, 0, bad)
 
 
 def test_env_order_tables():
-    assert D.DATASETS["vlcs"].envs[2] == "SUN09"
-    assert D.DATASETS["terraincognita"].envs == ("location_100", "location_38", "location_43", "location_46")
-    for info in D.DATASETS.values():
+    assert DATASETS["vlcs"].envs[2] == "SUN09"
+    assert DATASETS["terraincognita"].envs == ("location_100", "location_38", "location_43", "location_46")
+    for info in DATASETS.values():
         assert list(info.envs) == sorted(info.envs)
 
 
@@ -141,7 +156,7 @@ def test_unreadable_images_are_named(tmp_path):
 def test_step_batches_are_a_function_of_seed_env_step(tmp_path):
     _tree(tmp_path / "W", [f"e{e}/c{c}/{i}.png" for e in range(2) for c in range(2) for i in range(5)])
     idx = D.index_dataset(tmp_path / "W", use_fastsel=False)
-    store = D.ImageStore(idx, preload=False, allow_truncated=False)
+    store = D.ImageStore(idx, preload=False)
     ds = D.StepBatches(store, 1, np.arange(10), 6, seed=3, size=8)
     x1, y1, ids1 = ds[7]
     torch.manual_seed(123)  # the global RNG does not matter ...

@@ -1,5 +1,6 @@
-"""Exact resume: a run killed with SIGKILL at random moments (more than once) and resumed each time ends with
-bit-identical weights and the same results.jsonl records (timing fields aside) as an uninterrupted run."""
+"""Exact resume: a run killed with SIGKILL at random moments (more than once), or stopped by SIGTERM, and resumed
+ends with bit-identical weights and the same results.jsonl records (timing fields aside) as an uninterrupted run.
+While a run holds its folder, a second run into it is refused."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 from scmd import world
@@ -44,14 +46,44 @@ def _records(out: Path):
     return recs
 
 
-def test_sigkill_at_random_steps_then_resume_is_exact(tmp_path):
-    data_dir = tmp_path / "data"
-    world.ensure_dataset(data_dir, progress=False, n_per_class=6)
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+ENV = dict(os.environ, OMP_NUM_THREADS="1")
 
-    ref = tmp_path / "uninterrupted"
-    r = subprocess.run(_cmd(data_dir, ref), env=env, capture_output=True, text=True, timeout=600)
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """(data folder, folder of an uninterrupted run)."""
+    tmp = tmp_path_factory.mktemp("resume")
+    data_dir = tmp / "data"
+    world.ensure_dataset(data_dir, progress=False, n_per_class=6)
+    ref = tmp / "uninterrupted"
+    r = subprocess.run(_cmd(data_dir, ref), env=ENV, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
+    return data_dir, ref
+
+
+def _assert_same_run(ref: Path, out: Path, n_steps: int = STEPS) -> None:
+    a = torch.load(ref / "checkpoint_last.pt", weights_only=True)
+    b = torch.load(out / "checkpoint_last.pt", weights_only=True)
+    assert a["step"] == b["step"] == n_steps - 1
+    for part in ("student", "sma", "projector"):
+        for k, v in a["trainer"][part].items():
+            assert torch.equal(v, b["trainer"][part][k]), (part, k)
+    assert torch.equal(a["trainer"]["theta"], b["trainer"]["theta"])
+    for k, v in a["tracker"].items():  # bit-identical bookkeeping (NaN marks never-seen samples)
+        if torch.is_tensor(v):
+            torch.testing.assert_close(v, b["tracker"][k], rtol=0, atol=0, equal_nan=True, msg=k)
+        else:
+            assert v == b["tracker"][k], k
+    assert _records(ref) == _records(out)
+    assert json.loads((ref / "hardness.json").read_text())["domains"] == json.loads(
+        (out / "hardness.json").read_text())["domains"]
+    leftovers = [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
+    assert not leftovers, leftovers
+
+
+def test_sigkill_at_random_steps_then_resume_is_exact(tmp_path, reference):
+    data_dir, ref = reference
+    env = ENV
 
     out = tmp_path / "killed"
     rng = random.Random(1234)
@@ -74,20 +106,51 @@ def test_sigkill_at_random_steps_then_resume_is_exact(tmp_path):
     assert kills >= 2, f"only {kills} kills landed"
     print(f"killed {kills} times with SIGKILL, resumed {kills} times")
 
-    a = torch.load(ref / "checkpoint_last.pt", weights_only=True)
-    b = torch.load(out / "checkpoint_last.pt", weights_only=True)
-    assert a["step"] == b["step"] == STEPS - 1
-    for part in ("student", "sma", "projector"):
-        for k, v in a["trainer"][part].items():
-            assert torch.equal(v, b["trainer"][part][k]), (part, k)
-    assert torch.equal(a["trainer"]["theta"], b["trainer"]["theta"])
-    for k, v in a["tracker"].items():  # bit-identical bookkeeping (NaN marks never-seen samples)
-        if torch.is_tensor(v):
-            torch.testing.assert_close(v, b["tracker"][k], rtol=0, atol=0, equal_nan=True, msg=k)
-        else:
-            assert v == b["tracker"][k], k
-    assert _records(ref) == _records(out)
-    assert json.loads((ref / "hardness.json").read_text())["domains"] == json.loads(
-        (out / "hardness.json").read_text())["domains"]
-    leftovers = [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
-    assert not leftovers, leftovers
+    _assert_same_run(ref, out)
+
+
+def test_a_second_run_into_a_held_folder_exits_2_naming_the_holder(tmp_path, reference):
+    from scmd import outputs
+
+    data_dir, _ = reference
+    out = tmp_path / "held"
+    out.mkdir()
+    with outputs.run_lock(out):  # this test process holds the folder, as a running scmd_ref.py does
+        r = subprocess.run(_cmd(data_dir, out), env=ENV, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2, r.stderr
+    line = r.stderr.strip().splitlines()[-1]
+    assert line.startswith("scmd_ref.py: error:") and str(out) in line and f"pid {os.getpid()}" in line, line
+    assert sorted(p.name for p in out.iterdir()) == [".lock"]  # nothing of a run was written
+    r = subprocess.run(_cmd(data_dir, out), env=ENV, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr  # free again once the holder is gone
+
+
+def test_sigterm_checkpoints_exits_143_and_resumes_exactly(tmp_path, reference):
+    """SIGTERM (Slurm's notice before preemption) between two scheduled checkpoints: the run finishes its
+    step, writes a checkpoint, says so in one line and exits 143; the same command resumes and ends as the
+    uninterrupted run."""
+    data_dir, _ = reference
+    steps = ["--steps", "40", "--checkpoint-freq", "10", "--save-every", "1000"]  # checkpoints at 0,10,20,30,39
+
+    def cmd(out):
+        return [*_cmd(data_dir, out), *steps]
+
+    ref = tmp_path / "uninterrupted"
+    r = subprocess.run(cmd(ref), env=ENV, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    out = tmp_path / "stopped"
+    p = subprocess.Popen(cmd(out), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while _ckpt_step(out) < 10 and p.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    p.send_signal(signal.SIGTERM)
+    err = p.communicate(timeout=300)[1]
+    assert p.returncode == 143, err
+    stop = [ln for ln in err.splitlines() if "stopped by SIGTERM" in ln]
+    assert len(stop) == 1 and "Traceback" not in err, err
+    step = int(stop[0].split("after step ")[1].split(";")[0])
+    assert _ckpt_step(out) == step and 10 <= step < 39, (step, err)
+    r = subprocess.run(cmd(out), env=ENV, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert f"resuming {out} at step {step + 1}" in r.stderr
+    _assert_same_run(ref, out, n_steps=40)
