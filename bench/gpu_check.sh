@@ -13,6 +13,9 @@
 #                 step_breakdown --scale tiny --device cuda   (embedded world's models)
 #   always:       step_breakdown --scale tiny --device cpu
 #                 data_loading (embedded world, 32 px and 224 px) against the step rates above
+#   GPU:          the embedded world end to end on CUDA (fp16 autocast + GradScaler), without and with
+#                 --teacher-renorm; a SIGTERM-and-resume on CUDA against an uninterrupted CUDA run (max weight
+#                 difference); bench/device_agreement.py (kept sample ids of the first steps, CUDA vs CPU)
 #   GPU, last:    step_breakdown --scale full --device cuda --configs scmd,scmd+compile     (torch.compile)
 # The whole script keeps to GPU_CHECK_BUDGET seconds (default 450): each part's limit is capped by what is left.
 # No GPU: says so and runs the CPU parts only.
@@ -155,13 +158,23 @@ else
   say "NO GPU: torch.cuda.is_available() is False on this node; CUDA parts skipped, CPU parts run"
 fi
 
+DATA_DIR=./data NPC=()
+if [ ! -f ./data/embedded_world/WORLD_COMPLETE ]; then DATA_DIR="$OUTDIR/data" NPC=(--n-per-class 40); fi
+if [ "$GPU" = 1 ]; then  # the run itself on CUDA: end to end, --teacher-renorm, stop-and-resume, selection vs CPU
+  RUN=("$PYTHON" scmd_ref.py --device cuda --data-dir "$DATA_DIR" --world-per-class 40 --no-progress)
+  part cuda_run 120 "${RUN[@]}" --steps 301 --checkpoint-freq 100 --output-dir "$OUTDIR/cuda_run"
+  part cuda_run_renorm 120 "${RUN[@]}" --steps 301 --checkpoint-freq 100 --teacher-renorm \
+    --output-dir "$OUTDIR/cuda_run_renorm"
+  part cuda_resume 240 bash bench/cuda_resume_check.sh "$PYTHON" "$DATA_DIR" "$OUTDIR"
+  part device_agreement 120 "$PYTHON" bench/device_agreement.py --device cuda --steps 20 --data-dir "$DATA_DIR" \
+    --out "$OUTDIR/device_agreement.json"
+fi
+
 # CPU_THREADS: torch threads of the CPU breakdown (default: 1 on machines with < 4 CPUs, which are usually shared
 # and where two OpenMP threads stall each other; torch's default otherwise)
 CPU_THREADS=${CPU_THREADS:-$( [ "$(nproc)" -lt 4 ] && echo 1 )}
 part breakdown_tiny_cpu 150 "$PYTHON" bench/step_breakdown.py --scale tiny --device cpu --steps 5 --warmup 1 \
   ${CPU_THREADS:+--threads "$CPU_THREADS"} --out "$OUTDIR/step_breakdown_tiny_cpu.json"
-DATA_DIR=./data NPC=()
-if [ ! -f ./data/embedded_world/WORLD_COMPLETE ]; then DATA_DIR="$OUTDIR/data" NPC=(--n-per-class 40); fi
 STEP_TINY="$OUTDIR/step_breakdown_tiny_cpu.json"
 [ -f "$OUTDIR/step_breakdown_tiny_cuda.json" ] && STEP_TINY="$OUTDIR/step_breakdown_tiny_cuda.json"
 cmp_tiny=(); [ -f "$STEP_TINY" ] && cmp_tiny=(--step-json "$STEP_TINY")

@@ -110,9 +110,6 @@ def _umask() -> int:
     return mask
 
 
-FILE_MODE = 0o666 & ~_umask()  # outputs are readable as the user's umask says (mkstemp alone gives 0600)
-
-
 @contextlib.contextmanager
 def _replaced_atomically(path: Path):
     """Yields a temporary path beside `path`; once the body has written it, it is fsynced and renamed over
@@ -122,7 +119,7 @@ def _replaced_atomically(path: Path):
     try:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         os.close(fd)
-        os.chmod(tmp, FILE_MODE)
+        os.chmod(tmp, 0o666 & ~_umask())  # readable as the user's umask says (mkstemp alone gives 0600)
         yield tmp
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())

@@ -54,8 +54,14 @@ def records(out: Path):
 
 def test_short_run_writes_domainbed_records_and_report(tmp_path, data_dir, capsys):
     out = tmp_path / "run"
-    code, err = run_cli(["--data-dir", str(data_dir), "--output-dir", str(out), *QUICK], capsys)
+    old = os.umask(0o022)
+    try:
+        code, err = run_cli(["--data-dir", str(data_dir), "--output-dir", str(out), *QUICK], capsys)
+    finally:
+        os.umask(old)
     assert code == 0, err
+    for name in ("results.jsonl", "summary.json", "done", "checkpoint_last.pt", "checkpoint_best.pt"):
+        assert (out / name).stat().st_mode & 0o777 == 0o644, name  # readable by colleagues, as the umask says
     recs = records(out)
     assert [r["step"] for r in recs] == [0, 3, 6]
     for r in recs:
@@ -428,3 +434,20 @@ def test_every_tensor_of_the_models_follows_the_device(data_dir):
     tensors.update({f"clip.{k}": v for k, v in clip.state_dict().items()})
     off = sorted(k for k, v in tensors.items() if v.device != dev)
     assert not off, off
+
+
+def test_an_uncached_pretrained_teacher_fails_at_once_when_the_hub_is_unreachable(monkeypatch):
+    import huggingface_hub
+
+    from scmd import models
+    from scmd.errors import DataError
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda repo, name: None)
+
+    def unreachable(*a, **k):
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr(models.socket, "create_connection", unreachable)
+    with pytest.raises(DataError, match="not in the local Hugging Face cache and huggingface.co cannot be reached"):
+        models.load_clip("ViT-B-32-quickgelu", "openai", torch.device("cpu"))
