@@ -89,8 +89,8 @@ class Settings:
     image_size: Optional[int] = arg(None, "input size of student and teacher (default the dataset's; 224 on real "
                                           "data)", type=int)
     prompt: str = arg(SCMD_PROMPT, "class prompt template, one '{}' for the class name")
-    selector: str = arg("auto", "who ranks the losses: fastsel (Rust, CPU) or the torch reference; auto = fastsel "
-                                "if built", choices=["auto", "fastsel", "torch"])
+    selector: str = arg("fastsel", "who ranks the losses: fastsel (Rust, CPU) or select_hardest, the torch reference "
+                                   "it must match", choices=["fastsel", "torch"])
     select_per_domain: bool = arg(False, "keep the top p of each domain's rows instead of the top p of the batch")
     device: str = arg("auto", "auto, cpu, cuda, cuda:N")
     workers: Optional[int] = arg(None, "data-loading worker processes per loader (default 0 in memory, else 4)",
@@ -425,7 +425,7 @@ def build_models(s, hparams, index, device):
                          f"{s.image_size}px; SCMD feeds both the same tensor")
     teacher = None
     if use_logits or use_cm:
-        tokens = M.tokenize(s.teacher, M.class_prompts(s.prompt, index.classes), s.selector == "fastsel")
+        tokens = M.tokenize(s.teacher, M.class_prompts(s.prompt, index.classes))
         teacher = Teacher(clip, tokens, s.teacher_renorm).to(device)  # also its t_hat and renorm buffers
     clip.to(device)
     tracker = R.make_tracker(s, index) if use_selection else None

@@ -137,7 +137,7 @@ def main(argv=None) -> dict:
         size = args.image_size or int(world.IMAGE_SIZE)
         preload = args.preload != "no"
     t = time.perf_counter()
-    index = D.index_dataset(root, use_fastsel=False)
+    index = D.index_dataset(root)
     n_envs = len(index.envs)
     if not 0 <= args.test_env < n_envs:
         raise SystemExit(f"data_loading: --test-env {args.test_env} out of range (0..{n_envs - 1})")

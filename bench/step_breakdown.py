@@ -408,7 +408,7 @@ def build_models(scale: str, device: torch.device, seed: int = 0, n_classes: Opt
     clip = open_clip.create_model(teacher_name, pretrained=None).to(device).eval().requires_grad_(False)
     if M.image_size_of(clip) != image_size:
         raise SystemExit(f"teacher {teacher_name} expects {M.image_size_of(clip)} px, student {image_size}")
-    tokens = M.tokenize(teacher_name, M.class_prompts(S.SCMD_PROMPT, names), use_fastsel=False).to(device)
+    tokens = M.tokenize(teacher_name, M.class_prompts(S.SCMD_PROMPT, names)).to(device)
     teacher = S.Teacher(clip, tokens, renorm=False)
     student = S.Student(backbone, len(names), 0.0).to(device)
     g = torch.Generator().manual_seed(seed + 1)
@@ -444,13 +444,7 @@ def make_tracker(kind: str, n_samples: int, n_envs: int):
             pass
         if kind == "fastsel":
             raise SystemExit("step_breakdown: --tracker fastsel: fastsel.Tracker is not built")
-    try:
-        from scmd.tracking import Tracker
-    except ImportError:
-        if kind == "python":
-            raise SystemExit("step_breakdown: --tracker python: scmd.tracking is not there") from None
-        return None, "skipped: neither fastsel.Tracker nor scmd.tracking.Tracker is available"
-    return Tracker(n_samples, n_envs, window=300), "scmd.tracking.Tracker"
+    return None, "skipped: fastsel.Tracker is not available"
 
 
 def make_case(models: Models, name: str, batch: int, seed: int = 0, selector: str = "torch",
@@ -727,8 +721,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--compile", action="store_true", help="add the scmd+compile variant (CUDA; slow warm-up)")
     p.add_argument("--selector", choices=["auto", "fastsel", "torch"], default="auto",
                    help="ranking of our configs: auto = fastsel.topk_desc if built, else torch.sort (stable)")
-    p.add_argument("--tracker", choices=["auto", "fastsel", "python", "none"], default="auto",
-                   help="bookkeeping: fastsel.Tracker, else scmd.tracking.Tracker, else skipped")
+    p.add_argument("--tracker", choices=["auto", "fastsel", "none"], default="auto",
+                   help="bookkeeping: fastsel.Tracker if built, else skipped")
     p.add_argument("--timing", choices=["events", "sync"], default="events", help="CUDA timing mode (see above)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None,
@@ -866,8 +860,7 @@ def main(argv=None) -> dict:
                                    f"(inf/nan gradients with random weights): its backward_optim is underestimated")
     sel_trk = {n: c["tracker"] for n, c in result["configs"].items() if c["tracker"] != "n/a"}
     if any("skipped" in t for t in sel_trk.values()):
-        result["notes"].append("bookkeeping skipped: no tracker implementation importable (fastsel.Tracker or "
-                               "scmd.tracking.Tracker)")
+        result["notes"].append("bookkeeping skipped: fastsel.Tracker is not importable")
     result["derived"] = derived(result)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))

@@ -28,7 +28,6 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -58,77 +57,21 @@ class DomainIndex:
         return self.paths[env][sample_id - self.offsets[env]]
 
 
-def _imagefolder_files(class_dir: str) -> List[str]:
-    """Files of one class folder in torchvision ImageFolder's order (os.walk following links, sorted, extension
-    filter). Unreadable folders and symlink loops are errors (os.walk would skip or repeat them silently)."""
-    walked, real = [], {}
-    for dirpath, _dirs, files in os.walk(class_dir, followlinks=True, onerror=_raise):
-        real[dirpath] = os.path.realpath(dirpath)
-        parent = os.path.dirname(dirpath)
-        while parent in real:  # a folder that is its own ancestor: a symlink loop
-            if real[parent] == real[dirpath]:
-                raise DataError(f"symlink loop: {dirpath} leads back to {parent}; remove the link")
-            parent = os.path.dirname(parent)
-        walked.append((dirpath, files))
-    return [os.path.join(d, f) for d, files in sorted(walked) for f in sorted(files)
-            if f.lower().endswith(IMG_EXTENSIONS)]
+def index_dataset(root: Path) -> DomainIndex:
+    """Envs (sorted folders), classes (of the first env) and each env's files in torchvision ImageFolder's order,
+    by fastsel (tests/test_fastsel_indexing.py holds it equal to ImageFolder); errors name the path."""
+    import fastsel
 
-
-def _raise(err: OSError) -> None:
-    raise DataError(f"cannot read folder {err.filename}: {err.strerror}")
-
-
-def _index_python(root: Path) -> DomainIndex:
-    envs = sorted(e.name for e in os.scandir(root) if e.is_dir())
-    if not envs:
-        raise DataError(f"dataset folder {root} has no domain sub-folders")
-    classes: Optional[List[str]] = None
-    paths, labels = [], []
-    for env in envs:
-        env_dir = root / env
-        env_classes = sorted(e.name for e in os.scandir(env_dir) if e.is_dir())
-        if classes is None:
-            classes = env_classes
-        elif env_classes != classes:
-            missing, extra = sorted(set(classes) - set(env_classes)), sorted(set(env_classes) - set(classes))
-            raise DataError(
-                f"domain {env_dir} has a different class set than {root / envs[0]}: "
-                f"missing {missing[:5]}, extra {extra[:5]}; every domain needs the same class folders"
-            )
-        env_paths: List[str] = []
-        env_labels: List[int] = []
-        for label, c in enumerate(env_classes):
-            files = _imagefolder_files(str(env_dir / c))
-            if not files:
-                raise DataError(f"class folder {env_dir / c} holds no image files ({', '.join(IMG_EXTENSIONS)})")
-            env_paths += files
-            env_labels += [label] * len(files)
-        if not env_paths:
-            raise DataError(f"domain folder {env_dir} holds no class folders with images")
-        paths.append(env_paths)
-        labels.append(np.asarray(env_labels, dtype=np.int64))
-    return DomainIndex(root, envs, list(classes or []), paths, labels)
-
-
-def index_dataset(root: Path, use_fastsel: bool) -> DomainIndex:
-    """Envs (sorted folders), classes (of the first env) and each env's files in ImageFolder order."""
     if not root.exists():
         raise DataError(f"dataset folder {root} does not exist")
     if not root.is_dir():
         raise DataError(f"dataset path {root} is not a folder")
-    if use_fastsel:
-        import fastsel
-
-        try:
-            r = fastsel.index_domainbed(str(root))
-        except (OSError, ValueError) as e:
-            raise DataError(str(e)) from None
-        return DomainIndex(root, list(r["envs"]), list(r["classes"]), [list(p) for p in r["paths"]],
-                           [np.asarray(lab, dtype=np.int64) for lab in r["labels"]])
     try:
-        return _index_python(root)
-    except OSError as e:
-        raise DataError(f"cannot read dataset folder: {e}") from None
+        r = fastsel.index_domainbed(str(root))
+    except (OSError, ValueError) as e:
+        raise DataError(str(e)) from None
+    return DomainIndex(root, list(r["envs"]), list(r["classes"]), [list(p) for p in r["paths"]],
+                       [np.asarray(lab, dtype=np.int64) for lab in r["labels"]])
 
 
 # ---------------------------------------------------------------------------------------------------------

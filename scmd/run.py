@@ -69,7 +69,7 @@ def dataset_root(s) -> Path:
 def load_data(s, out: Path, image_size: int) -> SimpleNamespace:
     """The index (checked against the dataset's table entry), the image store, every env's in/out split and
     the evaluation loaders (name, loader), in DomainBed's order."""
-    index = D.index_dataset(dataset_root(s), use_fastsel=s.selector == "fastsel")
+    index = D.index_dataset(dataset_root(s))
     expected = list(DATASETS[s.dataset].envs)
     if index.envs != expected:
         raise DataError(f"{index.root} has domains {index.envs}; {s.dataset} expects {expected}")
@@ -117,7 +117,7 @@ def steps_per_epoch(data, batch_size: int) -> float:
 def teacher_zero_shot(s, clip, data, prompt: str, device) -> list:
     """The teacher's zero-shot accuracy per domain, as the paper's Table 1 teacher row: clean images
     (no augmentation), CLIP normalisation, prompt 'a photo of a {}'."""
-    tokens = M.tokenize(s.teacher, M.class_prompts(prompt, data.index.classes), s.selector == "fastsel").to(device)
+    tokens = M.tokenize(s.teacher, M.class_prompts(prompt, data.index.classes)).to(device)
     t_hat = F.normalize(clip.encode_text(tokens).float(), dim=-1)
     size = M.image_size_of(clip)
     tf = D.eval_transform(size, D.CLIP_MEAN, D.CLIP_STD)
@@ -138,13 +138,9 @@ def teacher_zero_shot(s, clip, data, prompt: str, device) -> list:
 
 
 def make_tracker(s, index):
-    if s.selector == "fastsel":
-        import fastsel
+    import fastsel
 
-        return fastsel.Tracker(index.n_samples, len(index.envs), window=s.checkpoint_freq)
-    from scmd.tracking import Tracker
-
-    return Tracker(index.n_samples, len(index.envs), window=s.checkpoint_freq)
+    return fastsel.Tracker(index.n_samples, len(index.envs), window=s.checkpoint_freq)
 
 
 def tracker_state(tracker):

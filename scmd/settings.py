@@ -140,10 +140,8 @@ def resolve(s, algorithms: dict) -> tuple:
     use_selection = algorithms[s.algorithm][0]
     if s.select_per_domain and not use_selection:
         raise UsageError(f"--select-per-domain needs an algorithm with selection; {s.algorithm} has none")
-    if s.selector == "fastsel" and not fastsel_available():
-        raise UsageError("--selector fastsel: the fastsel extension is not built; run `bash scripts/setup.sh`")
-    if s.selector == "auto":
-        s.selector = "fastsel" if fastsel_available() else "torch"
+    if not fastsel_available():  # indexing, prompt tokens and the tracker are fastsel's whatever the --selector
+        raise UsageError("the fastsel extension is not built; run `bash scripts/setup.sh` (or install its wheel)")
     if not DEVICE_SYNTAX.match(s.device):
         raise UsageError(f"--device must be auto, cpu, cuda or cuda:N, got {s.device!r}")
     s.workers = (0 if info.in_memory else 4) if s.workers is None else s.workers

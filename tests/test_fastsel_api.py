@@ -52,16 +52,9 @@ def test_topk_k_not_int():
 
 
 @pytest.mark.parametrize("p", [-0.1, 1.1, float("nan"), float("inf")])
-def test_kept_count_bad_p(p):
-    with pytest.raises(ValueError, match="p must be in"):
-        fastsel.kept_count(10, p)
+def test_per_domain_bad_p(p):
     with pytest.raises(ValueError, match="p must be in"):
         fastsel.topk_per_domain(f32, i64, p)
-
-
-def test_kept_count_bad_n():
-    with pytest.raises(ValueError, match="n must be >= 0"):
-        fastsel.kept_count(-1, 0.5)
 
 
 def test_per_domain_bad_arrays():
@@ -130,17 +123,6 @@ def test_tracker_bad_state():
     del bad["ema_loss"]
     with pytest.raises(ValueError, match="missing"):
         t.load_state_dict(bad)
-
-
-def test_shuffle_bad_args():
-    with pytest.raises(ValueError, match="seed"):
-        fastsel.legacy_shuffle(5, -1)
-    with pytest.raises(ValueError, match="seed"):
-        fastsel.legacy_shuffle(5, 2**32)
-    with pytest.raises(ValueError, match="n must be"):
-        fastsel.legacy_shuffle(-1, 0)
-    with pytest.raises(ValueError, match="holdout_fraction"):
-        fastsel.split_in_out(5, 1.5, 0)
 
 
 def test_index_bad_root(tmp_path):

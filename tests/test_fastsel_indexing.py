@@ -1,4 +1,4 @@
-"""fastsel.index_domainbed == torchvision ImageFolder per env; legacy_shuffle/split == numpy."""
+"""fastsel.index_domainbed == torchvision ImageFolder per env."""
 
 import os
 import shlex
@@ -17,45 +17,6 @@ import fastsel
 # ---------------------------------------------------------------------------------------------
 # shuffle and split
 # ---------------------------------------------------------------------------------------------
-
-
-def np_shuffle(n, seed):
-    x = np.arange(n)
-    np.random.RandomState(seed).shuffle(x)
-    return x
-
-
-def test_shuffle_vectors():
-    assert fastsel.legacy_shuffle(10, 894182419).tolist() == [2, 3, 8, 1, 4, 5, 0, 9, 6, 7]
-    assert fastsel.legacy_shuffle(10, 0).tolist() == [2, 8, 4, 9, 1, 6, 7, 3, 0, 5]
-    assert fastsel.legacy_shuffle(10, fastsel.seed_hash(0, 0)).dtype == np.int64
-
-
-def test_seed_hash_vectors():
-    assert [fastsel.seed_hash(0, i) for i in range(4)] == [894182419, 1514274641, 1325548499, 1796103049]
-    assert fastsel.seed_hash("VLCS", "SCMD", [2], 0, 0) == 1719258486
-
-
-@settings(max_examples=200, deadline=None)
-@given(st.integers(0, 3000), st.integers(0, 2**32 - 1))
-def test_shuffle_matches_numpy(n, seed):
-    np.testing.assert_array_equal(fastsel.legacy_shuffle(n, seed), np_shuffle(n, seed))
-
-
-@pytest.mark.parametrize("n", [2**16, 2**16 + 1, 70_000, 2**17 + 3, 172_947, 1_000_003])
-def test_shuffle_matches_numpy_large(n):
-    for seed in (0, 1, 2**32 - 1, fastsel.seed_hash(0, 4)):
-        np.testing.assert_array_equal(fastsel.legacy_shuffle(n, seed), np_shuffle(n, seed))
-
-
-@settings(max_examples=200, deadline=None)
-@given(st.integers(0, 3000), st.floats(0, 1), st.integers(0, 2**32 - 1))
-def test_split_matches_domainbed(n, frac, seed):
-    keys = np_shuffle(n, seed)
-    n_out = int(n * frac)
-    out, inn = fastsel.split_in_out(n, frac, seed)
-    np.testing.assert_array_equal(out, keys[:n_out])
-    np.testing.assert_array_equal(inn, keys[n_out:])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -67,19 +67,6 @@ def test_readonly_input_is_fine():
     assert fastsel.topk_desc(v, 3).tolist() == [9, 8, 7]
 
 
-@pytest.mark.parametrize(
-    "n,p,expected", [(96, 0.2, 19), (96, 0.25, 24), (96, 0.3, 28), (160, 0.2, 32), (160, 0.25, 40), (160, 0.3, 48)]
-)
-def test_kept_count_table(n, p, expected):
-    assert fastsel.kept_count(n, p) == expected == int(n * p)
-
-
-@settings(max_examples=300, deadline=None)
-@given(st.integers(0, 2**53), st.floats(0, 1))
-def test_kept_count_is_python_int_of_product(n, p):
-    assert fastsel.kept_count(n, p) == int(n * p)
-
-
 def torch_per_domain(losses, domains, p):
     out = []
     for d in sorted(set(domains.tolist())):

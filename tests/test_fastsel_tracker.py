@@ -1,14 +1,14 @@
-"""fastsel.Tracker vs the pure-numpy scmd.tracking.Tracker: bit-identical arrays, equal JSON."""
+"""fastsel.Tracker vs the pure-numpy oracle tests/tracker_oracle.py: bit-identical arrays, equal JSON."""
 
 import json
 
 import numpy as np
 import pytest
+import tracker_oracle as tracking
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fastsel
-from scmd import tracking
 
 LOSSES = st.one_of(
     st.sampled_from([0.0, -0.0, 1.0, 2.5, np.inf, -np.inf, np.nan]),

@@ -115,7 +115,7 @@ def test_index_matches_imagefolder_order(tmp_path):
     files = ["b_env/Zebra/1.png", "b_env/apple/x/2.PNG", "b_env/apple/1.jpg", "b_env/apple/notes.txt",
              "a_env/Zebra/9.png", "a_env/apple/b.png", "a_env/apple/A.png", "a_env/apple/sub/c.png"]
     _tree(root, files)
-    idx = D.index_dataset(root, use_fastsel=False)
+    idx = D.index_dataset(root)
     assert idx.envs == ["a_env", "b_env"]
     assert idx.classes == ["Zebra", "apple"]  # code-point order: upper case first
     for e, env in enumerate(idx.envs):
@@ -127,17 +127,17 @@ def test_index_matches_imagefolder_order(tmp_path):
 
 def test_index_errors_name_the_path(tmp_path):
     with pytest.raises(DataError, match="does not exist"):
-        D.index_dataset(tmp_path / "nope", use_fastsel=False)
+        D.index_dataset(tmp_path / "nope")
     f = tmp_path / "file"
     f.write_text("x")
     with pytest.raises(DataError, match="not a folder"):
-        D.index_dataset(f, use_fastsel=False)
+        D.index_dataset(f)
     _tree(tmp_path / "A", ["e0/cat/1.png", "e0/dog/1.png", "e1/cat/1.png", "e1/cow/1.png"])
-    with pytest.raises(DataError, match="different class set"):
-        D.index_dataset(tmp_path / "A", use_fastsel=False)
+    with pytest.raises(DataError, match="different class folders"):
+        D.index_dataset(tmp_path / "A")
     _tree(tmp_path / "B", ["e0/cat/1.png", "e0/dog/readme.txt"])
-    with pytest.raises(DataError, match="no image files"):
-        D.index_dataset(tmp_path / "B", use_fastsel=False)
+    with pytest.raises(DataError, match="no valid file for the classes dog"):
+        D.index_dataset(tmp_path / "B")
 
 
 def test_unreadable_images_are_named(tmp_path):
@@ -155,7 +155,7 @@ def test_unreadable_images_are_named(tmp_path):
 
 def test_step_batches_are_a_function_of_seed_env_step(tmp_path):
     _tree(tmp_path / "W", [f"e{e}/c{c}/{i}.png" for e in range(2) for c in range(2) for i in range(5)])
-    idx = D.index_dataset(tmp_path / "W", use_fastsel=False)
+    idx = D.index_dataset(tmp_path / "W")
     store = D.ImageStore(idx, preload=False)
     ds = D.StepBatches(store, 1, np.arange(10), 6, seed=3, size=8)
     x1, y1, ids1 = ds[7]

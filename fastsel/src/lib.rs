@@ -5,7 +5,6 @@
 
 pub mod error;
 pub mod indexing;
-pub mod mt19937;
 pub mod prompts;
 pub mod selection;
 pub mod tracker;
@@ -200,13 +199,6 @@ fn fill_topk(py: Python<'_>, x: &[f32], dst: &mut [i64]) -> PyResult<()> {
         selection::topk_desc_into(x, dst)?;
     }
     Ok(())
-}
-
-/// `int(n * p)` exactly as Python computes it.
-#[pyfunction]
-fn kept_count(n: i64, p: f64) -> PyResult<u64> {
-    let n = nonneg(n, "n")?;
-    Ok(selection::kept_count(n as u64, p)?)
 }
 
 /// Per domain (ascending id): the top `int(n_d * p)` positions, concatenated.
@@ -502,7 +494,7 @@ impl Tracker {
 }
 
 // ------------------------------------------------------------------------------------------------
-// Indexing and splits
+// Indexing
 // ------------------------------------------------------------------------------------------------
 
 /// Env folders, class folders and ImageFolder-ordered samples of a DomainBed root.
@@ -538,49 +530,6 @@ fn index_domainbed<'py>(py: Python<'py>, root: PathBuf) -> PyResult<Bound<'py, P
     out.set_item("paths", paths)?;
     out.set_item("labels", labels)?;
     Ok(out)
-}
-
-/// `x = np.arange(n); np.random.RandomState(seed).shuffle(x); x`.
-#[pyfunction]
-fn legacy_shuffle<'py>(py: Python<'py>, n: i64, seed: i64) -> PyResult<Bound<'py, PyArray1<i64>>> {
-    let n = checked_len(n)?;
-    let seed = mt19937::check_seed(seed)?;
-    let keys = if n >= DETACH_THRESHOLD {
-        py.detach(|| mt19937::legacy_shuffle(n, seed))
-    } else {
-        mt19937::legacy_shuffle(n, seed)
-    };
-    Ok(keys.into_pyarray(py))
-}
-
-/// Largest `n` accepted by the shuffle (16 GiB of int64).
-const MAX_SHUFFLE_LEN: i64 = 1 << 31;
-
-fn checked_len(n: i64) -> PyResult<usize> {
-    if !(0..=MAX_SHUFFLE_LEN).contains(&n) {
-        return Err(PyValueError::new_err(format!(
-            "n must be in [0, 2**31], got {n}"
-        )));
-    }
-    Ok(n as usize)
-}
-
-/// DomainBed's split: `(out, in)` = `(keys[:n_out], keys[n_out:])`.
-#[pyfunction]
-fn split_in_out<'py>(
-    py: Python<'py>,
-    n: i64,
-    holdout_fraction: f64,
-    seed: i64,
-) -> PyResult<Bound<'py, PyTuple>> {
-    let n = checked_len(n)?;
-    let seed = mt19937::check_seed(seed)?;
-    let (out, inner) = if n >= DETACH_THRESHOLD {
-        py.detach(|| mt19937::split_in_out(n, holdout_fraction, seed))?
-    } else {
-        mt19937::split_in_out(n, holdout_fraction, seed)?
-    };
-    PyTuple::new(py, [out.into_pyarray(py), inner.into_pyarray(py)])
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -795,18 +744,11 @@ fn _fastsel(m: &Bound<'_, PyModule>) -> PyResult<()> {
         "IMAGENET_TEMPLATES",
         PyTuple::new(py, prompts::IMAGENET_TEMPLATES)?,
     )?;
-    m.add(
-        "IMG_EXTENSIONS",
-        PyTuple::new(py, indexing::IMG_EXTENSIONS)?,
-    )?;
     m.add("DEFAULT_CONTEXT_LENGTH", prompts::DEFAULT_CONTEXT_LENGTH)?;
     m.add_function(wrap_pyfunction!(_noop, m)?)?;
     m.add_function(wrap_pyfunction!(topk_desc, m)?)?;
-    m.add_function(wrap_pyfunction!(kept_count, m)?)?;
     m.add_function(wrap_pyfunction!(topk_per_domain, m)?)?;
     m.add_function(wrap_pyfunction!(index_domainbed, m)?)?;
-    m.add_function(wrap_pyfunction!(legacy_shuffle, m)?)?;
-    m.add_function(wrap_pyfunction!(split_in_out, m)?)?;
     m.add_class::<Tracker>()?;
     m.add_class::<PromptTokenizer>()?;
     Ok(())

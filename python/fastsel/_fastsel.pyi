@@ -18,8 +18,6 @@ SCMD_TEMPLATE: str
 """SCMD's prompt, ``"this is a photo of a {}"``."""
 IMAGENET_TEMPLATES: Tuple[str, ...]
 """CLIP's 80 ImageNet prompt templates (``{}`` = class name)."""
-IMG_EXTENSIONS: Tuple[str, ...]
-"""torchvision's image extensions, compared with the lower-cased file name."""
 DEFAULT_CONTEXT_LENGTH: int
 
 StrPath = Union[str, "os.PathLike[str]"]
@@ -38,9 +36,6 @@ def topk_desc(
     -0.0 and +0.0 tie; ties keep ascending position. ``0 <= k <= len(losses)``. With ``out``
     (int64, 1-D, C-contiguous, length k) the result is written into it and ``out`` is returned.
     """
-
-def kept_count(n: int, p: float) -> int:
-    """``int(n * p)`` as Python computes it; ``n >= 0``, ``0 <= p <= 1``."""
 
 def topk_per_domain(
     losses: npt.NDArray[np.float32], domain_ids: npt.NDArray[np.int64], p: float
@@ -117,16 +112,6 @@ def index_domainbed(root: StrPath) -> Dict[str, list]:
     ValueError (class folders differ between envs), PermissionError (unreadable folder) and
     OSError (symlink loop, other I/O errors); messages name the path.
     """
-
-def legacy_shuffle(n: int, seed: int) -> npt.NDArray[np.int64]:
-    """``x = np.arange(n); np.random.RandomState(seed).shuffle(x)``; ``0 <= n <= 2**31``,
-    ``0 <= seed < 2**32``."""
-
-def split_in_out(
-    n: int, holdout_fraction: float, seed: int
-) -> Tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
-    """DomainBed's split: ``keys = legacy_shuffle(n, seed)``, ``n_out = int(n * holdout_fraction)``;
-    returns ``(keys[:n_out], keys[n_out:])`` = (out, in)."""
 
 # --- prompts --------------------------------------------------------------------------------
 

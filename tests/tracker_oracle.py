@@ -1,4 +1,4 @@
-"""Pure-numpy reference of :class:`fastsel.Tracker` (observational hard-sample bookkeeping).
+"""Pure-numpy test oracle of :class:`fastsel.Tracker` (observational hard-sample bookkeeping).
 
 Same constructor, methods, arrays (dtype and bits) and JSON report as the Rust tracker; the
 Hypothesis parity test in ``tests/test_fastsel_tracker.py`` holds the two together. The
