@@ -23,7 +23,8 @@
 # Install step: SKIPPED when `import open_clip, fastsel, matplotlib, tqdm, safetensors` already works with $PYTHON
 # (e.g. the project venv). Otherwise the missing packages are installed from a local folder of wheels,
 # WHEELS=${WHEELS:-./wheels}, with `pip install --no-index --find-links "$WHEELS"` (nothing is downloaded).
-# fastsel and matplotlib are optional: without them the torch selector is used / no PNG is drawn.
+# fastsel is needed by the scmd_ref.py parts (cuda_run, cuda_resume, device_agreement; they fail without it); the
+# step-time parts run without it (torch selector, no bookkeeping). matplotlib is optional (no PNG without it).
 #
 # Building the wheels folder, on a machine with the Rust toolchain and a network (Python/platform of the GPU node):
 #   pip install "maturin>=1.7,<2"
@@ -117,14 +118,14 @@ else
            || "$PYTHON" -m pip install -q --user --no-index --find-links "$WHEELS" "$@"; }
   deps=()
   for pkg in "${missing[@]}"; do
-    if [ "$pkg" = scmd ]; then pipi --no-deps scmd || say "install: fastsel wheel failed (torch selector is used)"
+    if [ "$pkg" = scmd ]; then pipi --no-deps scmd || say "install: fastsel wheel failed (the scmd_ref.py parts will fail)"
     else deps+=("$pkg"); fi
   done
   [ ${#deps[@]} -gt 0 ] && { pipi "${deps[@]}" || say "install: pip failed for ${deps[*]}"; }
 fi
 "$PYTHON" -c "import open_clip" 2>/dev/null || { say "FATAL: open_clip is not importable"; exit 2; }
 "$PYTHON" -c "import fastsel, sys; sys.exit(0 if hasattr(fastsel, 'topk_desc') else 1)" 2>/dev/null \
-  || say "note: fastsel (with topk_desc) is not importable: the torch selector and Python tracker are timed"
+  || say "note: fastsel is not importable: step times use the torch selector without bookkeeping; the scmd_ref.py parts fail"
 
 # --- GPU parts, then CPU parts (in order of importance; the budget caps the last ones) --------------------------
 GPU=0
