@@ -57,8 +57,7 @@ THETA_LR = 1e-4
 
 @dataclass
 class Settings:
-    dataset: str = arg("embedded", "embedded (offline synthetic world), vlcs, pacs, officehome, terraincognita, "
-                                   "domainnet")
+    dataset: str = arg("embedded", "a dataset of scmd/datasets.py; embedded: the offline synthetic world")
     data_dir: str = arg("./data", "folder holding the dataset folders (DomainBed layout)", "--data_dir")
     output_dir: Optional[str] = arg(None, "default: outputs/<dataset>_<algorithm>_te<env>_h<hp>_t<trial>_s<seed>_"
                                           "<hash of every setting that changes the result>", "--output_dir")
@@ -66,42 +65,33 @@ class Settings:
                                         "--test-envs", type=int, nargs="+")
     algorithm: str = arg("scmd", f"one of {', '.join(ALGORITHMS)}, or DomainBed's names (SCMD, ERM, ...)")
     steps: Optional[int] = arg(None, "training steps (default 5001)", type=int)
-    checkpoint_freq: Optional[int] = arg(None, "evaluate every N steps (default 300, DomainNet 1000)",
-                                         "--checkpoint_freq", type=int)
+    checkpoint_freq: Optional[int] = arg(None, "evaluate every N steps (default 300)", "--checkpoint_freq", type=int)
     seed: int = arg(0, "run seed (model init, sampling, augmentation)")
     trial_seed: int = arg(0, "seed of the in/out splits and of the random hparams", "--trial_seed")
     hparams_seed: int = arg(0, "0: SCMD's defaults; otherwise a random-search draw", "--hparams_seed")
-    hparams: Optional[str] = arg(None, 'JSON overrides, e.g. \'{"lr": 3e-5, "worst_case_p": 0.25}\'; the authors\' '
-                                       'sweep JSON is accepted')
+    hparams: Optional[str] = arg(None, 'JSON overrides, e.g. \'{"lr": 3e-5}\'; the authors\' sweep JSON works too')
     holdout_fraction: float = arg(0.2, "share of each domain held out for validation", "--holdout_fraction")
-    world_per_class: Optional[int] = arg(None, "generated datasets only: images per (domain, class) instead of "
-                                               "the full set (quick checks)", type=int)
+    world_per_class: Optional[int] = arg(None, "generated datasets: images per (domain, class), quick checks", type=int)
     student: Optional[str] = arg(None, "resnet50 (default), resnet18, or the embedded world's embedded_student")
     student_weights: Optional[str] = arg(None, "v2 (ResNet-50 DEFAULT, as the authors), v1 (as DomainBed), none, "
                                                "or a state_dict file")
     teacher: Optional[str] = arg(None, "open_clip model name (default ViT-B-32-quickgelu)")
-    teacher_weights: Optional[str] = arg(None, "open_clip pretrained tag (default openai), a local file, or none "
-                                               "(random; timing only)")
+    teacher_weights: Optional[str] = arg(None, "open_clip pretrained tag (default openai), a local file, or none")
     selection_horizon: str = arg("5000", "N in the selection cut-off int(N*(1-last_k_epoch)); 5000 as the authors' "
                                          "code, 'steps' for the real step count")
-    teacher_renorm: bool = arg(False, "feed the teacher CLIP-normalised images (the authors feed the "
-                                      "ImageNet-normalised tensor)")
-    image_size: Optional[int] = arg(None, "input size of student and teacher (default the dataset's; 224 on real "
-                                          "data)", type=int)
+    teacher_renorm: bool = arg(False, "feed the teacher CLIP-normalised images (the authors: ImageNet-normalised)")
+    image_size: Optional[int] = arg(None, "input size of student and teacher (default 224)", type=int)
     prompt: str = arg(SCMD_PROMPT, "class prompt template, one '{}' for the class name")
     selector: str = arg("fastsel", "who ranks the losses: fastsel (Rust, CPU) or select_hardest, the torch reference "
                                    "it must match", choices=["fastsel", "torch"])
     select_per_domain: bool = arg(False, "keep the top p of each domain's rows instead of the top p of the batch")
     device: str = arg("auto", "auto, cpu, cuda, cuda:N")
-    workers: Optional[int] = arg(None, "data-loading worker processes per loader (default 0 in memory, else 4)",
-                                 type=int)
+    workers: Optional[int] = arg(None, "loader worker processes (default 0 in memory, else 4)", type=int)
     eval_splits: str = arg("all", "all (DomainBed's records), or selection: only the splits that training-domain "
                                   "validation and the test accuracy use", choices=["all", "selection"])
     save_every: Optional[int] = arg(None, "checkpoint every N steps (default: every evaluation)", type=int)
-    resume: str = arg("auto", "auto: continue an unfinished run found in the output folder",
-                      choices=["auto", "yes", "no"])
-    refuse_truncated_images: bool = arg(False, "stop on a truncated image file (default: load it padded and list "
-                                               "it, as DomainBed)")
+    resume: str = arg("auto", "auto: continue an unfinished run of the output folder", choices=["auto", "yes", "no"])
+    refuse_truncated_images: bool = arg(False, "stop on a truncated image (default: load it padded, as DomainBed)")
     download: bool = arg(False, "download --dataset into --data-dir first (needs a network)")
     no_progress: bool = arg(False, "no progress bar")
     debug: bool = arg(False, "show Python tracebacks")
@@ -180,10 +170,6 @@ class Teacher(nn.Module):
             x = x * self.renorm_a + self.renorm_b
         e_img = F.normalize(self.clip.encode_image(x).float(), dim=-1)
         return self.scale * e_img @ self.t_hat.T  # z_t
-
-
-def build_student(s, n_classes: int, dropout: float) -> Student:
-    return Student(M.student_backbone(s.student, s.student_weights), n_classes, dropout)
 
 
 # =========================================================================================================
@@ -311,7 +297,7 @@ class SCMDTrainer:
         if self.use_cm:
             groups.append({"params": [self.theta], "lr": THETA_LR})  # theta: its own lr, same weight decay
         self.optimizer = torch.optim.Adam(groups, lr=hparams["lr"], weight_decay=hparams["weight_decay"])
-        self.amp = device.type == "cuda"
+        self.amp, self.amp_dtype = device.type == "cuda", torch.float16  # mixed precision on CUDA
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
         self.sma = SMA(student)
 
@@ -319,15 +305,23 @@ class SCMDTrainer:
         return self.use_selection and step <= self.cutoff  # switch-off rule step <= int(horizon * (1 - k))
 
     def update(self, x, y, domains, ids, step):
-        # --- Hard-sample selection: rank the whole concatenated batch by the student's per-sample CE ----
         n_seen = len(y)
-        if self.selecting(step):
-            with torch.no_grad():  # fp32, train mode (BN frozen)
-                ce_each = F.cross_entropy(self.student(x), y, reduction="none")
-            keep = self.selector(ce_each, domains, ids, step)
+        if self.selecting(step):  # --- hard-sample selection: rank the whole concatenated batch -------------
+            keep = self.selector(self.per_sample_ce(x, y), domains, ids, step)
             x, y = x[keep], y[keep]  # "the batch" is now the n = floor(N p) hardest samples
-        # --- The three losses, on the (selected) batch ----------------------------------------------------
-        with torch.autocast(device_type=self.device.type, dtype=torch.float16, enabled=self.amp):
+        loss, loss_ce, loss_logits, loss_cm = self.losses(x, y)
+        self.optimise(loss)
+        return {"loss": loss.detach(), "ce": loss_ce.detach(), "logits": loss_logits.detach(),
+                "cm": loss_cm.detach(), "n": torch.tensor(float(len(y))), "N": torch.tensor(float(n_seen))}
+
+    @torch.no_grad()
+    def per_sample_ce(self, x, y):
+        """The ranking loss: the current student's per-sample CE, fp32, train mode (BN frozen)."""
+        return F.cross_entropy(self.student(x), y, reduction="none")
+
+    def losses(self, x, y):
+        """The three losses on the (selected) batch, under fp16 autocast on CUDA."""
+        with torch.autocast(device_type=self.device.type, dtype=self.amp_dtype, enabled=self.amp):
             f = self.student.featurizer(x)
             z_s = self.student.classifier(f)
             loss_ce = F.cross_entropy(z_s, y)  # L_CE
@@ -343,7 +337,10 @@ class SCMDTrainer:
                 u = cm_logits(f, self.projector, self.theta, self.teacher.t_hat)
                 loss_cm = kd_kl(u, q, self.T)  # L_CM = T^2 KL(q || softmax(u/T))
                 loss = loss + self.lambda2 * loss_cm  # L = L_CE + lambda1 L_logits + lambda2 L_CM
-        # --- Optimiser step, theta clamp, SMA ----------------------------------------------------------
+        return loss, loss_ce, loss_logits, loss_cm
+
+    def optimise(self, loss) -> None:
+        """Adam step (loss scaling on CUDA), theta clamp, SMA update."""
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)
@@ -352,8 +349,6 @@ class SCMDTrainer:
             with torch.no_grad():
                 self.theta.clamp_(0.0, THETA_MAX)  # exp(theta) in [1, 100], every step
         self.sma.update()
-        return {"loss": loss.detach(), "ce": loss_ce.detach(), "logits": loss_logits.detach(),
-                "cm": loss_cm.detach(), "n": torch.tensor(float(len(y))), "N": torch.tensor(float(n_seen))}
 
     # --- everything a resumed run needs ------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -417,7 +412,8 @@ def main(argv=None) -> int:
 
 def build_models(s, hparams, index, device):
     """Student, frozen teacher, selector and tracker, and the trainer that holds them; every tensor on `device`."""
-    student = build_student(s, len(index.classes), hparams["resnet_dropout"]).to(device)
+    student = Student(M.student_backbone(s.student, s.student_weights), len(index.classes), hparams["resnet_dropout"])
+    student.to(device)
     use_selection, use_logits, use_cm = ALGORITHMS[s.algorithm]
     clip = M.load_clip(s.teacher, s.teacher_weights, torch.device("cpu"))  # text features once, on the CPU
     if M.image_size_of(clip) != s.image_size:
