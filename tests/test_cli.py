@@ -19,7 +19,6 @@ from PIL import Image
 import scmd_ref
 from scmd import run as R
 from scmd import world
-from scmd.settings import fastsel_available
 
 ROOT = Path(__file__).resolve().parent.parent
 QUICK = ["--world-per-class", "6", "--steps", "7", "--checkpoint-freq", "3", "--no-progress", "--workers", "0"]
@@ -52,6 +51,7 @@ def records(out: Path):
 # a short run
 
 
+@pytest.mark.slow
 def test_short_run_writes_domainbed_records_and_report(tmp_path, data_dir, capsys):
     out = tmp_path / "run"
     old = os.umask(0o022)
@@ -85,7 +85,7 @@ def test_short_run_writes_domainbed_records_and_report(tmp_path, data_dir, capsy
     torch.load(out / "checkpoint_best.pt", weights_only=True)
 
 
-@pytest.mark.skipif(not fastsel_available(), reason="fastsel not built")
+@pytest.mark.slow
 def test_fastsel_and_torch_selectors_give_the_same_run(tmp_path, data_dir, capsys):
     outs = {}
     for sel in ("torch", "fastsel"):
@@ -107,6 +107,7 @@ def test_fastsel_and_torch_selectors_give_the_same_run(tmp_path, data_dir, capsy
     assert ha["domains"] == hb["domains"]
 
 
+@pytest.mark.slow
 def test_eval_splits_selection_skips_only_reported_splits_and_changes_no_result(tmp_path, data_dir, capsys):
     """--eval-splits selection drops the training envs' in-splits (reported, never used by training-domain
     validation); training, the other accuracies and the selected step are those of the full evaluation."""
@@ -299,6 +300,7 @@ def test_bad_input_gives_one_clear_line(name, argv, fragment, code, tmp_path, da
             json.loads(ln)
 
 
+@pytest.mark.slow
 def test_bad_input_from_the_shell_has_no_traceback(tmp_path):
     r = subprocess.run([sys.executable, str(ROOT / "scmd_ref.py"), "--dataset", "vlcs", "--data-dir",
                         str(tmp_path)], capture_output=True, text=True, cwd=tmp_path)
@@ -309,6 +311,7 @@ def test_bad_input_from_the_shell_has_no_traceback(tmp_path):
     assert "Traceback" in r.stderr  # --debug shows it
 
 
+@pytest.mark.slow
 def test_checkpoint_from_other_settings_is_refused(tmp_path, data_dir, capsys):
     out = tmp_path / "run"
     base = ["--data-dir", str(data_dir), "--output-dir", str(out), "--world-per-class", "6", "--checkpoint-freq",
@@ -320,6 +323,7 @@ def test_checkpoint_from_other_settings_is_refused(tmp_path, data_dir, capsys):
     assert code == 2 and "different settings (test_env)" in last_error_line(err)
 
 
+@pytest.mark.slow
 def test_finished_run_is_reused_only_with_the_same_settings(tmp_path, data_dir, capsys):
     """A `done` folder records its settings: the same command is a no-op, other settings are refused (they
     would otherwise silently report the old run), and the default folder name differs with the settings."""
@@ -352,6 +356,7 @@ def test_default_output_folder_names_the_settings():
     assert outputs.fingerprint_hash(fa) == outputs.fingerprint_hash(dict(fa))
 
 
+@pytest.mark.slow
 def test_disk_full_while_checkpointing_is_one_line_and_leaves_no_temp_file(tmp_path, data_dir, capsys, monkeypatch):
     from scmd import outputs
 
@@ -378,6 +383,7 @@ def test_read_only_data_dir_is_one_line(tmp_path, capsys):
     assert code == 2 and str(ro) in last_error_line(err) and "writable --data-dir" in last_error_line(err)
 
 
+@pytest.mark.slow
 def test_truncated_images_are_loaded_padded_as_domainbed_and_listed(tmp_path, capsys):
     args = _vlcs(tmp_path, truncated=True)
     code, err = run_cli(args, capsys)
@@ -390,6 +396,7 @@ def test_truncated_images_are_loaded_padded_as_domainbed_and_listed(tmp_path, ca
     assert json.loads((out / "summary.json").read_text())["truncated_images"] == 1
 
 
+@pytest.mark.slow
 def test_domainbed_spellings_are_accepted(tmp_path, data_dir, capsys):
     """--data_dir, --output_dir, --test_envs and DomainBed's algorithm names, as its users type them."""
     out = tmp_path / "run"

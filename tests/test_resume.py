@@ -47,6 +47,7 @@ def _records(out: Path):
 
 
 ENV = dict(os.environ, OMP_NUM_THREADS="1")
+pytestmark = pytest.mark.slow  # every test here runs scmd_ref.py processes
 
 
 @pytest.fixture(scope="module")
