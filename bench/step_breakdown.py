@@ -396,7 +396,7 @@ def build_models(scale: str, device: torch.device, seed: int = 0, n_classes: Opt
     if scale == "tiny":
         world = world_module()
         if world is None:
-            raise SystemExit("step_breakdown: --scale tiny needs scmd/world.py with build_student, "
+            raise SystemExit("step_breakdown: --scale tiny needs scmd.world with build_student, "
                              "register_teacher_config, TEACHER_MODEL_NAME, IMAGE_SIZE (not there yet)")
         world.register_teacher_config()
         teacher_name, image_size, names = world.TEACHER_MODEL_NAME, int(world.IMAGE_SIZE), list(world.CLASSES)

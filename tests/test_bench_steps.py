@@ -31,7 +31,7 @@ def one_thread():
 @pytest.fixture(scope="module")
 def models():
     if sb.world_module() is None:
-        pytest.skip("scmd/world.py does not provide the tiny-scale models yet")
+        pytest.skip("scmd.world does not provide the tiny-scale models yet")
     return sb.build_models("tiny", CPU, seed=0, calib_batch=4)
 
 

@@ -59,7 +59,7 @@ def test_marker_skips_regeneration_and_replaces_stale_worlds(tmp_path, monkeypat
     def boom(*_a, **_k):
         raise AssertionError("should not render")
 
-    monkeypatch.setattr(world, "render", boom)
+    monkeypatch.setattr(world.dataset, "render", boom)
     assert world.ensure_dataset(tmp_path, progress=False, n_per_class=1) == root  # complete: nothing to do
     monkeypatch.undo()
 
@@ -80,7 +80,7 @@ def test_crash_leaves_no_half_world(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real(scene)
 
-    monkeypatch.setattr(world, "render", flaky)
+    monkeypatch.setattr(world.dataset, "render", flaky)
     with pytest.raises(KeyboardInterrupt):
         world.ensure_dataset(tmp_path, progress=False, n_per_class=1)
     assert os.listdir(tmp_path) == []
@@ -161,7 +161,7 @@ def test_teacher_loads_through_open_clip_pretrained_file():
 def test_truncated_text_encoding_equals_open_clip():
     import open_clip
 
-    from scmd import world_pretrain
+    from scmd.world import pretrain as world_pretrain
 
     world.register_teacher_config()
     torch.manual_seed(0)
@@ -175,7 +175,7 @@ def test_killed_pretraining_resumes_exactly(tmp_path, monkeypatch):
     """A build killed mid-run continues from its saved state and ends with the same weights."""
     from safetensors.torch import load_file
 
-    from scmd import world_pretrain as wp
+    from scmd.world import pretrain as wp
 
     monkeypatch.setattr(wp, "RESUME_SECONDS", 0.0)
     monkeypatch.setattr(wp, "_student_val", lambda: (torch.zeros(2, 3, world.IMAGE_SIZE, world.IMAGE_SIZE),
@@ -204,7 +204,7 @@ def test_killed_pretraining_resumes_exactly(tmp_path, monkeypatch):
 
 
 def test_captions_name_the_object():
-    from scmd import world_pretrain
+    from scmd.world import pretrain as world_pretrain
 
     r = np.random.RandomState(0)
     meta = {"cls": "traffic_light", "style": "sketch", "pattern": "grid", "bg_colour": "blue", "obj_colour": "red"}
@@ -219,7 +219,7 @@ def test_captions_name_the_object():
 
 
 def test_shortcut_premise_is_measured_from_the_scenes():
-    from scmd import world_pretrain
+    from scmd.world import pretrain as world_pretrain
 
     shares = world_pretrain.shortcut_shares(n_per_env=800)
     for env in world.ENVIRONMENTS:
