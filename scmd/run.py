@@ -282,8 +282,8 @@ class Stats:
 
 class StopSignals:
     """SIGINT, SIGTERM (what Slurm sends before it preempts or kills a job) and SIGUSR1 ask the run to stop:
-    it finishes the current step, writes a checkpoint and exits with 128 + the signal number. A second signal
-    stops at once."""
+    it finishes the current step, writes a checkpoint and exits with 128 + the signal number. A second Ctrl-C
+    (SIGINT) stops at once; repeated SIGTERMs (Slurm and a launcher may both send one) change nothing."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 
@@ -295,7 +295,9 @@ class StopSignals:
 
     def _handle(self, signum, frame):
         if self.signum is not None:
-            raise KeyboardInterrupt
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            return
         self.signum = signum
 
     def __exit__(self, *exc):
