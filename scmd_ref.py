@@ -8,7 +8,7 @@ Run:
     python scmd_ref.py                                            # SCMD on the embedded offline world
     python scmd_ref.py --dataset vlcs --test-env 2 --data-dir /data/domainbed
     python scmd_ref.py --dataset pacs --test-env 0 --algorithm scmd-no-cm       # an ablation (paper Table 3)
-    python scmd_ref.py --dataset pacs --test-env 0 --hparams-seed 1 --trial-seed 0  # one random-search draw
+    python -m scmd.sweep launch --datasets pacs --n-hparams 5 --n-trials 3 --output-dir sweeps/pacs  # a sweep
     python scmd_ref.py --dataset vlcs --download                   # fetch a dataset first (needs a network)
 
 The file reads top to bottom: settings, networks, the selection rule, the three loss terms, the SMA, one
