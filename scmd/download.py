@@ -62,6 +62,7 @@ from http.cookiejar import CookieJar
 from pathlib import Path
 from typing import IO, Callable, Dict, Iterator, List, Optional, Sequence, Set, Tuple, Union
 
+from scmd.datasets import DATASETS
 from scmd.errors import DataError, ScmdError, UsageError
 
 MARKER = ".scmd_download_complete.json"
@@ -74,10 +75,10 @@ USER_AGENT = "scmd-download/0.1 (python-urllib)"
 # HTML page whose "download anyway" form carries the confirmation fields (module-level so tests can move it).
 GDRIVE_DOWNLOAD = "https://drive.usercontent.google.com/download"
 
-TERRA_LOCATIONS = ("38", "43", "46", "100")
+TERRA_LOCATIONS = tuple(e.split("_", 1)[1] for e in DATASETS["terraincognita"].envs)  # the folders' ids
 TERRA_CLASSES = ("bird", "bobcat", "cat", "coyote", "dog", "empty", "opossum", "rabbit", "raccoon", "squirrel")
 TERRA_IMAGES_DIR = "eccv_18_all_images_sm"
-DOMAINNET_DOMAINS = ("clipart", "infograph", "painting", "quickdraw", "real", "sketch")
+DOMAINNET_DOMAINS = tuple(DATASETS["domainnet"].envs)
 
 
 def gdrive_url(file_id: str) -> str:
@@ -657,9 +658,7 @@ def _build_domainnet(files: List[Path], work: Path, progress: bool) -> Path:
     return out
 
 
-_VLCS_ENVS = ("Caltech101", "LabelMe", "SUN09", "VOC2007")
-_PACS_ENVS = ("art_painting", "cartoon", "photo", "sketch")
-_OFFICEHOME_ENVS = ("Art", "Clipart", "Product", "Real World")
+_VLCS_ENVS, _PACS_ENVS, _OFFICEHOME_ENVS = (tuple(DATASETS[k].envs) for k in ("vlcs", "pacs", "officehome"))
 _VISDA = "http://csr.bu.edu/ftp/visda/2019/multi-source"
 _LILA_GCP = "https://storage.googleapis.com/public-datasets-lila/caltechcameratraps"
 _LILA_AZURE = "https://lilablobssc.blob.core.windows.net/caltechcameratraps"  # DomainBed's (older) host
@@ -674,7 +673,7 @@ SPECS: Dict[str, Spec] = {
                        (Remote("office_home.zip", gdrive_id="1uY0pj7oFsjMxRwaD3Sxy0jgel0fsYXLC"),),
                        _unpack_folder("OfficeHomeDataset_10072016", _OFFICEHOME_ENVS)),
     "terraincognita": Spec(
-        "terra_incognita", tuple(f"location_{loc}" for loc in TERRA_LOCATIONS),
+        "terra_incognita", tuple(DATASETS["terraincognita"].envs),
         (
             Remote("eccv_18_all_images_sm.tar.gz", urls=(f"{_LILA_GCP}/eccv_18_all_images_sm.tar.gz",
                                                          f"{_LILA_AZURE}/eccv_18_all_images_sm.tar.gz")),
