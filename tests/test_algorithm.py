@@ -102,6 +102,7 @@ def test_theta_has_its_own_lr_and_is_clamped_to_0_ln100_every_step():
     assert tr.theta.item() == 0.0
 
 
+@pytest.mark.slow
 def test_sma_is_uniform_mean_of_iterates_from_update_299():
     tr = make_trainer(algorithm="erm", hp={"lr": 1e-2})
     snaps = []
