@@ -169,9 +169,9 @@ def restore(out: Path, resume: str, fingerprint: dict, trainer, tracker):
     ckpt = O.load_checkpoint(out / O.CKPT_LAST) if resume != "no" else None
     if resume == "yes" and ckpt is None:
         raise UsageError(f"--resume yes: no checkpoint in {out}")
-    if ckpt is None:
-        for name in (O.RESULTS, O.TRUNCATED):
-            (out / name).unlink(missing_ok=True)  # a run without a checkpoint starts afresh
+    if ckpt is None:  # a run without a checkpoint (or --resume no) starts afresh: nothing of an older run stays
+        for name in (O.DONE, O.RESULTS, O.TRUNCATED, "summary.json", "hardness.json", "kept_share.png", O.CKPT_BEST):
+            (out / name).unlink(missing_ok=True)
         return None, 0, [], None
     if ckpt["fingerprint"] != fingerprint:
         diff = sorted(k for k in set(fingerprint) | set(ckpt["fingerprint"])
@@ -348,8 +348,8 @@ def stopped(out: Path, step: int, trainer, tracker, window, fingerprint, teacher
     stats.close()
     if step >= 0:
         save_last(out, step, trainer, tracker, window, fingerprint, teacher_acc)
-    print(f"scmd_ref.py: stopped by {stop.name()} after step {step}; checkpoint in {out}; rerun the same command to "
-          f"resume", file=sys.stderr)
+    where = f"after step {step}; checkpoint in {out}" if step >= 0 else "before the first step"
+    print(f"scmd_ref.py: stopped by {stop.name()} {where}; rerun the same command to resume", file=sys.stderr)
     return stop.exit_code()
 
 

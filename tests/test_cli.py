@@ -357,6 +357,25 @@ def test_default_output_folder_names_the_settings():
 
 
 @pytest.mark.slow
+def test_a_fresh_start_over_a_finished_folder_leaves_no_stale_done_marker(tmp_path, data_dir, capsys, monkeypatch):
+    """--resume no over a finished run: until the new run finishes, the folder holds no done marker, so a crash
+    in between cannot leave the old marker vouching for the new, partial records."""
+    out = tmp_path / "run"
+    base = ["--data-dir", str(data_dir), "--output-dir", str(out), *QUICK]
+    code, err = run_cli(base, capsys)
+    assert code == 0, err
+    seen = []
+
+    def crash(*a, **k):
+        seen.append((out / "done").exists())
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(scmd_ref.SCMDTrainer, "update", crash)
+    assert run_cli([*base, "--resume", "no"], capsys)[0] == 130
+    assert seen == [False] and not (out / "done").exists() and not (out / "results.jsonl").exists()
+
+
+@pytest.mark.slow
 def test_disk_full_while_checkpointing_is_one_line_and_leaves_no_temp_file(tmp_path, data_dir, capsys, monkeypatch):
     from scmd import outputs
 
