@@ -299,6 +299,10 @@ class StopSignals:
                 raise KeyboardInterrupt
             return
         self.signum = signum
+        # A signal to the whole process group (Slurm, Ctrl-C) also ends the loader workers; torch's SIGCHLD handler
+        # would then raise in the middle of the step or of the checkpoint write. Without it the loader reports
+        # the dead workers at the next batch, where the loop expects it.
+        self.old[signal.SIGCHLD] = signal.signal(signal.SIGCHLD, signal.SIG_DFL)
 
     def __exit__(self, *exc):
         for sig, old in self.old.items():

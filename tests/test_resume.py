@@ -155,3 +155,29 @@ def test_sigterm_checkpoints_exits_143_and_resumes_exactly(tmp_path, reference):
     assert r.returncode == 0, r.stderr
     assert f"resuming {out} at step {step + 1}" in r.stderr
     _assert_same_run(ref, out, n_steps=40)
+
+
+def test_sigterm_to_the_whole_process_group_with_loader_workers_stops_with_a_checkpoint(tmp_path, reference):
+    """As Slurm signals every process of a job: the loader workers die of the SIGTERM too; the run still stops
+    after a whole step with a checkpoint and exit 143, and the rerun resumes to the uninterrupted run's end."""
+    data_dir, _ = reference
+    steps = ["--steps", "40", "--checkpoint-freq", "10", "--save-every", "1000", "--workers", "1"]
+
+    def cmd(out):
+        return [*_cmd(data_dir, out), *steps]
+
+    ref = tmp_path / "uninterrupted"
+    r = subprocess.run(cmd(ref), env=ENV, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    out = tmp_path / "stopped"
+    p = subprocess.Popen(cmd(out), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                         start_new_session=True)
+    deadline = time.time() + 300
+    while _ckpt_step(out) < 10 and p.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    os.killpg(p.pid, signal.SIGTERM)
+    err = p.communicate(timeout=300)[1]
+    assert p.returncode == 143 and "stopped by SIGTERM after step" in err and "Traceback" not in err, err
+    r = subprocess.run(cmd(out), env=ENV, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and "resuming" in r.stderr, r.stderr
+    _assert_same_run(ref, out, n_steps=40)
