@@ -21,9 +21,7 @@ from scmd import outputs as O
 from scmd.datasets import DATASETS
 from scmd.errors import DataError, RunFault, ScmdError, UsageError, one_line
 from scmd.hparams import seed_hash
-
-DOMAINBED_ALGORITHM_NAME = {"erm": "ERM", "kd": "KD", "scmd-no-cm": "SCMD_no_CM", "scmd-no-select": "SCMD_no_select",
-                            "scmd": "SCMD"}
+from scmd.settings import DOMAINBED_ALGORITHM_NAME
 
 
 def device_for(name: str) -> torch.device:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import re
 import string
 import sys
@@ -21,6 +22,9 @@ SEED_MAX = 2**32 - 1  # numpy's seed range (torch's is wider)
 MIN_IMAGE_SIZE = 32  # a ResNet downsamples by 32: below this its last stage sees less than one pixel
 MAX_WORKERS = 256
 DEVICE_SYNTAX = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
+# DomainBed's class names of our algorithms (written to results.jsonl, and in its sweep seeds)
+DOMAINBED_ALGORITHM_NAME = {"erm": "ERM", "kd": "KD", "scmd-no-cm": "SCMD_no_CM", "scmd-no-select": "SCMD_no_select",
+                            "scmd": "SCMD"}
 # settings that do not change a run's result (they are left out of its fingerprint)
 RUN_ONLY = ("data_dir", "output_dir", "device", "workers", "save_every", "resume", "download", "no_progress", "debug",
             "selector")
@@ -144,7 +148,7 @@ def resolve(s, algorithms: dict) -> tuple:
         raise UsageError("the fastsel extension is not built; run `bash scripts/setup.sh` (or install its wheel)")
     if not DEVICE_SYNTAX.match(s.device):
         raise UsageError(f"--device must be auto, cpu, cuda or cuda:N, got {s.device!r}")
-    s.workers = (0 if info.in_memory else 4) if s.workers is None else s.workers
+    s.workers = (0 if info.in_memory else min(4, os.cpu_count() or 1)) if s.workers is None else s.workers
     _in_range("--workers", s.workers, 0, MAX_WORKERS)
     hparams = make_hparams(s.dataset, s.hparams_seed, s.trial_seed, s.hparams, lr=info.lr,
                            ours={"student": s.student, "teacher": s.teacher})

@@ -37,13 +37,12 @@ from scmd import outputs as O
 from scmd.datasets import DATASETS, canonical_dataset
 from scmd.errors import ScmdError, UsageError
 from scmd.hparams import seed_hash
+from scmd.settings import DOMAINBED_ALGORITHM_NAME
 
 ROOT = Path(__file__).resolve().parent.parent
 SWEEP_FILE = "sweep.json"  # a run's place in the grid and its command, written by `launch`
 EXIT_FILE = "exit_code"  # the exit status of the run's last process, written by the launcher
 LOG_FILE = "log.txt"
-DOMAINBED_ALGORITHM_NAME = {"erm": "ERM", "kd": "KD", "scmd-no-cm": "SCMD_no_CM", "scmd-no-select": "SCMD_no_select",
-                            "scmd": "SCMD"}
 STOPPED = (130, 138, 143)  # stopped by a signal after a checkpoint: resumable, not failed
 
 

@@ -126,42 +126,11 @@ def test_a_second_run_into_a_held_folder_exits_2_naming_the_holder(tmp_path, ref
     assert r.returncode == 0, r.stderr  # free again once the holder is gone
 
 
-def test_sigterm_checkpoints_exits_143_and_resumes_exactly(tmp_path, reference):
-    """SIGTERM (Slurm's notice before preemption) between two scheduled checkpoints: the run finishes its
-    step, writes a checkpoint, says so in one line and exits 143; the same command resumes and ends as the
-    uninterrupted run."""
-    data_dir, _ = reference
-    steps = ["--steps", "40", "--checkpoint-freq", "10", "--save-every", "1000"]  # checkpoints at 0,10,20,30,39
-
-    def cmd(out):
-        return [*_cmd(data_dir, out), *steps]
-
-    ref = tmp_path / "uninterrupted"
-    r = subprocess.run(cmd(ref), env=ENV, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr
-    out = tmp_path / "stopped"
-    p = subprocess.Popen(cmd(out), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 300
-    while _ckpt_step(out) < 10 and p.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
-    p.send_signal(signal.SIGTERM)
-    err = p.communicate(timeout=300)[1]
-    assert p.returncode == 143, err
-    stop = [ln for ln in err.splitlines() if "stopped by SIGTERM" in ln]
-    assert len(stop) == 1 and "Traceback" not in err, err
-    step = int(stop[0].split("after step ")[1].split(";")[0])
-    assert _ckpt_step(out) == step and 10 <= step < 39, (step, err)
-    r = subprocess.run(cmd(out), env=ENV, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr
-    assert f"resuming {out} at step {step + 1}" in r.stderr
-    _assert_same_run(ref, out, n_steps=40)
-
-
-def test_sigterm_to_the_whole_process_group_with_loader_workers_stops_with_a_checkpoint(tmp_path, reference):
-    """As Slurm signals every process of a job: the loader workers die of the SIGTERM too; the run still stops
-    after a whole step with a checkpoint and exit 143, and the rerun resumes to the uninterrupted run's end."""
-    data_dir, _ = reference
-    steps = ["--steps", "40", "--checkpoint-freq", "10", "--save-every", "1000", "--workers", "1"]
+def _stop_midway_then_resume(tmp_path, data_dir, extra, kill) -> str:
+    """An uninterrupted 40-step run (checkpoints only at evaluations 0, 10, 20, 30, 39), then the same command
+    stopped by `kill(process)` after its step-10 checkpoint and rerun; returns the stopped process's stderr.
+    The stop must exit 143 after a whole step, and the rerun must end as the uninterrupted run."""
+    steps = ["--steps", "40", "--checkpoint-freq", "10", "--save-every", "1000", *extra]
 
     def cmd(out):
         return [*_cmd(data_dir, out), *steps]
@@ -175,9 +144,28 @@ def test_sigterm_to_the_whole_process_group_with_loader_workers_stops_with_a_che
     deadline = time.time() + 300
     while _ckpt_step(out) < 10 and p.poll() is None and time.time() < deadline:
         time.sleep(0.01)
-    os.killpg(p.pid, signal.SIGTERM)
+    kill(p)
     err = p.communicate(timeout=300)[1]
-    assert p.returncode == 143 and "stopped by SIGTERM after step" in err and "Traceback" not in err, err
+    assert p.returncode == 143, err
+    stop = [ln for ln in err.splitlines() if "stopped by SIGTERM" in ln]
+    assert len(stop) == 1 and "Traceback" not in err, err
+    step = int(stop[0].split("after step ")[1].split(";")[0])
+    assert _ckpt_step(out) == step and 10 <= step < 39, (step, err)
     r = subprocess.run(cmd(out), env=ENV, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0 and "resuming" in r.stderr, r.stderr
+    assert r.returncode == 0, r.stderr
+    assert f"resuming {out} at step {step + 1}" in r.stderr
     _assert_same_run(ref, out, n_steps=40)
+    return err
+
+
+def test_sigterm_checkpoints_exits_143_and_resumes_exactly(tmp_path, reference):
+    """SIGTERM (Slurm's notice before preemption) between two scheduled checkpoints: the run finishes its
+    step, writes a checkpoint, says so in one line and exits 143; the same command resumes and ends as the
+    uninterrupted run."""
+    _stop_midway_then_resume(tmp_path, reference[0], [], lambda p: p.send_signal(signal.SIGTERM))
+
+
+def test_sigterm_to_the_whole_process_group_with_loader_workers_stops_with_a_checkpoint(tmp_path, reference):
+    """As Slurm signals every process of a job: the loader workers die of the SIGTERM too; the run still stops
+    after a whole step with a checkpoint and exit 143, and the rerun resumes to the uninterrupted run's end."""
+    _stop_midway_then_resume(tmp_path, reference[0], ["--workers", "1"], lambda p: os.killpg(p.pid, signal.SIGTERM))
