@@ -1,4 +1,6 @@
-"""fastsel.Tracker vs the pure-numpy oracle tests/tracker_oracle.py: bit-identical arrays, equal JSON."""
+"""fastsel.Tracker vs the pure-numpy oracle tests/tracker_oracle.py: bit-identical arrays, equal JSON, for
+sequences of `record` (every row scored: fresh selection losses) and `record_kept` (only the kept rows scored:
+stale selection losses) steps, valid and invalid."""
 
 import json
 
@@ -29,6 +31,7 @@ def assert_same(a, b, top=5):
     for name in (
         "times_seen",
         "times_selected",
+        "times_scored",
         "last_loss",
         "ema_loss",
         "sample_domain",
@@ -59,7 +62,8 @@ def runs(draw):
         losses = np.array(draw(st.lists(LOSSES, min_size=n, max_size=n)), np.float32)
         perm = draw(st.permutations(list(range(n))))
         kept = np.array(perm[: draw(st.integers(0, n))], np.int64)
-        bad = draw(st.sampled_from([None] * 6 + ["id", "dom", "kept", "dup"]))
+        bad = draw(st.sampled_from([None] * 6 + ["id", "dom", "kept", "dup", "len"]))
+        only_kept = draw(st.booleans())  # record_kept: only the kept rows carry a loss
         dom = domain_of[ids]
         if bad == "id":
             ids = np.append(ids, n_samples)
@@ -73,14 +77,23 @@ def runs(draw):
             kept = np.append(kept, len(ids))
         elif bad == "dup" and len(kept):
             kept = np.append(kept, kept[0])
-        records.append((step, ids, dom.astype(np.int64), losses, kept.astype(np.int64), bad))
+        kept_losses = np.array(draw(st.lists(LOSSES, min_size=len(kept), max_size=len(kept))), np.float32)
+        if bad == "len" and only_kept:
+            kept_losses = np.append(kept_losses, np.float32(1))
+        elif bad == "len":
+            losses = losses[:-1]
+        rec = (step, ids, dom.astype(np.int64), kept_losses if only_kept else losses, kept.astype(np.int64), bad)
+        records.append(rec + (only_kept,))
     return (n_samples, n_domains, window, ema), records
 
 
 def apply(tr, rec):
-    step, ids, dom, losses, kept, bad = rec
+    step, ids, dom, losses, kept, bad, only_kept = rec
     try:
-        tr.record(step, ids, dom, losses, kept)
+        if only_kept:
+            tr.record_kept(step, ids, dom, kept, losses)
+        else:
+            tr.record(step, ids, dom, losses, kept)
     except ValueError:
         return "ValueError"
     return None
@@ -94,7 +107,9 @@ def test_parity_with_numpy_reference(run, top):
     for rec in records:
         ra, rb = apply(a, rec), apply(b, rec)
         assert ra == rb
-        if rec[5] in ("id", "dom", "kept") or (rec[5] == "dup" and len(rec[4]) > 1):
+        if rec[5] in ("id", "dom", "kept") or (rec[5] == "dup" and len(rec[4]) > 1) or (
+            rec[5] == "len" and (rec[6] or len(rec[1]) > 0)
+        ):
             assert ra == "ValueError"
     assert_same(a, b, top)
 
@@ -156,9 +171,39 @@ def test_empty_window_grid_and_repr():
 def test_state_dict_contents(impl):
     t = impl(5, 2, 7, 0.25)
     sd = t.state_dict()
-    assert sd["version"] == 1 and sd["n_samples"] == 5 and sd["window"] == 7 and sd["ema"] == 0.25
+    assert sd["version"] == 2 and sd["n_samples"] == 5 and sd["window"] == 7 and sd["ema"] == 0.25
     assert sd["times_seen"].dtype == np.int64 and sd["last_loss"].dtype == np.float32
     assert sd["ema_loss"].dtype == np.float64 and sd["window_rows_seen"].shape == (0, 2)
+    assert sd["times_scored"].dtype == np.int64
+
+
+@pytest.mark.parametrize("impl", [fastsel.Tracker, tracking.Tracker])
+def test_version_1_state_loads_with_every_row_scored(impl):
+    """A checkpoint written before times_scored existed (every row carried its loss) still resumes."""
+    t = impl(4, 2, 10, 0.5)
+    t.record(0, np.array([1, 2]), np.array([0, 1]), np.array([1, 2], np.float32), np.array([0]))
+    sd = t.state_dict()
+    del sd["times_scored"]
+    sd["version"] = 1
+    u = impl(4, 2, 10, 0.5)
+    u.load_state_dict(sd)
+    assert u.times_scored().tolist() == u.times_seen().tolist() == [0, 1, 1, 0]
+
+
+def test_record_kept_scores_only_the_kept_rows_by_hand():
+    t = fastsel.Tracker(5, 2, window=10, ema=0.5)
+    t.record(0, np.array([1]), np.array([0]), np.array([2], np.float32), np.array([0]))
+    # rows: samples 1, 2, 3, 1; rows 3 and 2 are kept: kept_losses[j] is row kept[j]'s loss
+    t.record_kept(1, np.array([1, 2, 3, 1]), np.array([0, 1, 1, 0]), np.array([3, 2]), np.array([4, 5], np.float32))
+    assert t.times_seen().tolist() == [0, 3, 1, 1, 0]
+    assert t.times_selected().tolist() == [0, 2, 0, 1, 0]
+    assert t.times_scored().tolist() == [0, 2, 0, 1, 0]
+    last = t.last_loss()
+    assert last[1] == 4.0 and last[3] == 5.0 and np.isnan(last[2])  # sample 2: seen, never scored
+    assert t.ema_loss()[1] == 3.0 and t.ema_loss()[3] == 5.0
+    assert t.window_rows_kept().tolist() == [[2, 1]] and t.window_rows_seen().tolist() == [[3, 2]]
+    with pytest.raises(ValueError, match="kept and kept_losses must have the same length"):
+        t.record_kept(2, np.array([1]), np.array([0]), np.array([0]), np.zeros(2, np.float32))
 
 
 @pytest.mark.parametrize("impl", [fastsel.Tracker, tracking.Tracker])

@@ -1,18 +1,19 @@
-"""Pure-numpy test oracle of :class:`fastsel.Tracker` (observational hard-sample bookkeeping).
+"""Pure-numpy test oracle of :class:`fastsel.Tracker` (hard-sample bookkeeping).
 
 Same constructor, methods, arrays (dtype and bits) and JSON report as the Rust tracker; the
-Hypothesis parity test in ``tests/test_fastsel_tracker.py`` holds the two together. The
-bookkeeping never feeds back into selection (SCMD has no cross-step memory).
+Hypothesis parity test in ``tests/test_fastsel_tracker.py`` holds the two together. With fresh
+selection losses (``record``) the bookkeeping never feeds back into selection; with stale ones
+(``record_kept``, only the kept rows carry a loss) ``last_loss`` is what later steps rank by.
 
 Per sample: ``times_seen`` (+1 per row, duplicates count twice), ``times_selected`` (+1 per kept
-row), ``last_loss`` (float32, the later row wins), ``ema_loss`` (float64; the first observation
-sets it, then ``ema * prev + (1 - ema) * loss`` row by row; a NaN loss makes it NaN for good, stored
-as the canonical quiet NaN so that the bits do not depend on the arithmetic that produced it).
-Never-seen samples have NaN losses. Per window ``step // window`` and domain: rows seen and kept.
+row), ``times_scored`` (+1 per row that carries a loss), ``last_loss`` (float32, the later row
+wins), ``ema_loss`` (float64; the first recorded loss sets it, then ``ema * prev + (1 - ema) * loss``
+row by row; a NaN loss makes it NaN for good, stored as the canonical quiet NaN so that the bits do
+not depend on the arithmetic that produced it). Samples without a recorded loss have NaN losses. Per window ``step // window`` and domain: rows seen and kept.
 
 JSON report: floats are shortest round-trip numbers; NaN and infinities are written as the
 strings ``"NaN"``, ``"Infinity"``, ``"-Infinity"``; a share with no rows is ``null``. "hardest"
-lists, per domain, the seen samples with the largest ``ema_loss`` (NaN first, like torch's
+lists, per domain, the scored samples with the largest ``ema_loss`` (NaN first, like torch's
 descending sort; ties, including -0.0/+0.0, by lower id). Only windows with rows are listed.
 """
 
@@ -24,7 +25,7 @@ from typing import Any, Dict, List, Union
 
 import numpy as np
 
-STATE_VERSION = 1
+STATE_VERSION = 2
 MAX_WINDOW_CELLS = 1 << 26
 
 
@@ -73,6 +74,7 @@ class Tracker:
         self.n_records = 0
         self._times_seen = np.zeros(self.n_samples, np.int64)
         self._times_selected = np.zeros(self.n_samples, np.int64)
+        self._times_scored = np.zeros(self.n_samples, np.int64)
         self._last_loss = np.full(self.n_samples, np.nan, np.float32)
         self._ema_loss = np.full(self.n_samples, np.nan, np.float64)
         self._sample_domain = np.full(self.n_samples, -1, np.int64)
@@ -87,18 +89,44 @@ class Tracker:
         losses: np.ndarray,
         kept: np.ndarray,
     ) -> None:
-        step = int(step)
         s = _array1(sample_ids, "sample_ids", np.int64)
         d = _array1(domain_ids, "domain_ids", np.int64)
         loss = _array1(losses, "losses", np.float32)
         k = _array1(kept, "kept", np.int64)
-        if step < 0:
-            raise ValueError(f"step must be >= 0, got {step}")
         n = len(s)
         if len(d) != n or len(loss) != n:
             raise ValueError(
                 f"sample_ids, domain_ids and losses must have the same length, got {n}, {len(d)} and {len(loss)}"
             )
+        is_kept = self._validate(int(step), s, d, k)
+        self._apply(int(step), s, d, is_kept, list(loss))
+
+    def record_kept(
+        self,
+        step: int,
+        sample_ids: np.ndarray,
+        domain_ids: np.ndarray,
+        kept: np.ndarray,
+        kept_losses: np.ndarray,
+    ) -> None:
+        s = _array1(sample_ids, "sample_ids", np.int64)
+        d = _array1(domain_ids, "domain_ids", np.int64)
+        k = _array1(kept, "kept", np.int64)
+        kl = _array1(kept_losses, "kept_losses", np.float32)
+        if len(d) != len(s):
+            raise ValueError(f"sample_ids and domain_ids must have the same length, got {len(s)} and {len(d)}")
+        if len(kl) != len(k):
+            raise ValueError(f"kept and kept_losses must have the same length, got {len(k)} and {len(kl)}")
+        is_kept = self._validate(int(step), s, d, k)
+        scored: List[Any] = [None] * len(s)
+        for p, x in zip(k.tolist(), kl):
+            scored[p] = x
+        self._apply(int(step), s, d, is_kept, scored)
+
+    def _validate(self, step: int, s: np.ndarray, d: np.ndarray, k: np.ndarray) -> np.ndarray:
+        if step < 0:
+            raise ValueError(f"step must be >= 0, got {step}")
+        n = len(s)
         w = step // self.window
         if (w + 1) * self.n_domains > MAX_WINDOW_CELLS:
             raise ValueError(f"step {step} is too large for window {self.window}")
@@ -126,24 +154,29 @@ class Tracker:
             if is_kept[p]:
                 raise ValueError(f"kept[{j}] = {p} repeats a position")
             is_kept[p] = True
+        return is_kept
 
+    def _apply(self, step: int, s: np.ndarray, d: np.ndarray, is_kept: np.ndarray, scored: List[Any]) -> None:
+        w = step // self.window
         if w >= self._seen.shape[0]:
             grow = w + 1 - self._seen.shape[0]
             self._seen = np.concatenate([self._seen, np.zeros((grow, self.n_domains), np.int64)])
             self._kept = np.concatenate([self._kept, np.zeros((grow, self.n_domains), np.int64)])
         keep_w = 1.0 - self.ema
-        for r in range(n):
+        for r in range(len(s)):
             si, di = int(s[r]), int(d[r])
-            x = loss[r]
             self._sample_domain[si] = di
-            if self._times_seen[si] == 0:
-                e = float(x)
-            else:
-                e = self.ema * float(self._ema_loss[si]) + keep_w * float(x)
-            # NaN sign/payload after arithmetic is not portable: store the canonical NaN.
-            self._ema_loss[si] = math.nan if math.isnan(e) else e
+            x = scored[r]
+            if x is not None:
+                if self._times_scored[si] == 0:
+                    e = float(x)
+                else:
+                    e = self.ema * float(self._ema_loss[si]) + keep_w * float(x)
+                # NaN sign/payload after arithmetic is not portable: store the canonical NaN.
+                self._ema_loss[si] = math.nan if math.isnan(e) else e
+                self._times_scored[si] += 1
+                self._last_loss[si] = x
             self._times_seen[si] += 1
-            self._last_loss[si] = x
             self._seen[w, di] += 1
             if is_kept[r]:
                 self._times_selected[si] += 1
@@ -156,6 +189,9 @@ class Tracker:
 
     def times_selected(self) -> np.ndarray:
         return self._times_selected.copy()
+
+    def times_scored(self) -> np.ndarray:
+        return self._times_scored.copy()
 
     def last_loss(self) -> np.ndarray:
         return self._last_loss.copy()
@@ -173,7 +209,7 @@ class Tracker:
         return self._kept.copy()
 
     def _hardest(self, d: int, top: int) -> List[int]:
-        ids = np.flatnonzero((self._times_seen > 0) & (self._sample_domain == d)).tolist()
+        ids = np.flatnonzero((self._times_scored > 0) & (self._sample_domain == d)).tolist()
 
         def key(i: int):
             e = float(self._ema_loss[i])
@@ -254,6 +290,7 @@ class Tracker:
             "n_records": self.n_records,
             "times_seen": self.times_seen(),
             "times_selected": self.times_selected(),
+            "times_scored": self.times_scored(),
             "last_loss": self.last_loss(),
             "ema_loss": self.ema_loss(),
             "sample_domain": self.sample_domain(),
@@ -267,7 +304,8 @@ class Tracker:
         for key in ("version", "n_samples", "n_domains", "window", "ema", "n_records"):
             if key not in state:
                 raise ValueError(f"state dict is missing {key!r}")
-        if int(state["version"]) != STATE_VERSION:
+        version = int(state["version"])
+        if version not in (1, STATE_VERSION):
             raise ValueError(f"state version {state['version']} is not supported")
         for key in ("n_samples", "n_domains", "window"):
             if int(state[key]) != getattr(self, key):
@@ -291,19 +329,24 @@ class Tracker:
         new = {
             "times_seen": arr("times_seen", np.int64, (n,)),
             "times_selected": arr("times_selected", np.int64, (n,)),
+            "times_scored": arr("times_scored", np.int64, (n,)) if version == STATE_VERSION else None,
             "last_loss": arr("last_loss", np.float32, (n,)),
             "ema_loss": arr("ema_loss", np.float64, (n,)),
             "sample_domain": arr("sample_domain", np.int64, (n,)),
             "window_rows_seen": arr("window_rows_seen", np.int64, (n_windows, nd)),
             "window_rows_kept": arr("window_rows_kept", np.int64, (n_windows, nd)),
         }
-        dom, seen, sel = new["sample_domain"], new["times_seen"], new["times_selected"]
+        if new["times_scored"] is None:  # version 1 scored every row it saw
+            new["times_scored"] = new["times_seen"].copy()
+        dom, seen, sel, sc = new["sample_domain"], new["times_seen"], new["times_selected"], new["times_scored"]
         ok = (dom >= -1) & (dom < nd) & (seen >= 0) & (sel >= 0) & (sel <= seen) & ((seen > 0) == (dom >= 0))
+        ok &= (sc >= 0) & (sc <= seen)
         if not ok.all():
             raise ValueError(f"state is inconsistent at sample {int(np.flatnonzero(~ok)[0])}")
         self.n_records = int(state["n_records"])
         self._times_seen = new["times_seen"]
         self._times_selected = new["times_selected"]
+        self._times_scored = new["times_scored"]
         self._last_loss = new["last_loss"]
         self._ema_loss = new["ema_loss"]
         self._sample_domain = new["sample_domain"]

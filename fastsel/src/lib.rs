@@ -224,7 +224,7 @@ fn topk_per_domain<'py>(
 // Tracker
 // ------------------------------------------------------------------------------------------------
 
-/// Observational bookkeeping of one run (see `scmd.tracking.Tracker` for the numpy twin).
+/// Bookkeeping of one run (the numpy oracle is `tests/tracker_oracle.py`).
 #[pyclass(module = "fastsel._fastsel")]
 struct Tracker {
     inner: tracker::Tracker,
@@ -304,12 +304,35 @@ impl Tracker {
         Ok(())
     }
 
+    /// Records one step of N rows of which only the kept rows carry a loss (`kept_losses[j]`
+    /// belongs to row `kept[j]`).
+    fn record_kept(
+        &mut self,
+        step: i64,
+        sample_ids: &Bound<'_, PyAny>,
+        domain_ids: &Bound<'_, PyAny>,
+        kept: &Bound<'_, PyAny>,
+        kept_losses: &Bound<'_, PyAny>,
+    ) -> PyResult<()> {
+        let s = array1::<i64>(sample_ids, "sample_ids", "int64")?;
+        let d = array1::<i64>(domain_ids, "domain_ids", "int64")?;
+        let k = array1::<i64>(kept, "kept", "int64")?;
+        let l = array1::<f32>(kept_losses, "kept_losses", "float32")?;
+        self.inner
+            .record_kept(step, as_slice(&s), as_slice(&d), as_slice(&k), as_slice(&l))?;
+        Ok(())
+    }
+
     fn times_seen<'py>(&self, py: Python<'py>) -> Bound<'py, PyArray1<i64>> {
         PyArray1::from_slice(py, &self.inner.times_seen)
     }
 
     fn times_selected<'py>(&self, py: Python<'py>) -> Bound<'py, PyArray1<i64>> {
         PyArray1::from_slice(py, &self.inner.times_selected)
+    }
+
+    fn times_scored<'py>(&self, py: Python<'py>) -> Bound<'py, PyArray1<i64>> {
+        PyArray1::from_slice(py, &self.inner.times_scored)
     }
 
     fn last_loss<'py>(&self, py: Python<'py>) -> Bound<'py, PyArray1<f32>> {
@@ -380,6 +403,7 @@ impl Tracker {
         d.set_item("n_records", t.n_records)?;
         d.set_item("times_seen", self.times_seen(py))?;
         d.set_item("times_selected", self.times_selected(py))?;
+        d.set_item("times_scored", self.times_scored(py))?;
         d.set_item("last_loss", self.last_loss(py))?;
         d.set_item("ema_loss", self.ema_loss(py))?;
         d.set_item("sample_domain", self.sample_domain(py))?;
@@ -396,9 +420,9 @@ impl Tracker {
         })?;
         let t = &self.inner;
         let version = state_int(d, "version")?;
-        if version != tracker::STATE_VERSION {
+        if version != tracker::STATE_VERSION && version != 1 {
             return Err(PyValueError::new_err(format!(
-                "state version {version} is not supported (expected {})",
+                "state version {version} is not supported (expected 1 or {})",
                 tracker::STATE_VERSION
             )));
         }
@@ -434,6 +458,11 @@ impl Tracker {
         let nd = t.n_domains;
         let times_seen = state_array::<i64>(d, "times_seen", "int64", &[n])?;
         let times_selected = state_array::<i64>(d, "times_selected", "int64", &[n])?;
+        let times_scored = if version == 1 {
+            times_seen.clone() // version 1 scored every row it saw
+        } else {
+            state_array::<i64>(d, "times_scored", "int64", &[n])?
+        };
         let last_loss = state_array::<f32>(d, "last_loss", "float32", &[n])?;
         let ema_loss = state_array::<f64>(d, "ema_loss", "float64", &[n])?;
         let sample_domain = state_array::<i64>(d, "sample_domain", "int64", &[n])?;
@@ -460,10 +489,12 @@ impl Tracker {
                 || seen < 0
                 || times_selected[s] < 0
                 || times_selected[s] > seen
+                || times_scored[s] < 0
+                || times_scored[s] > seen
             {
                 return Err(PyValueError::new_err(format!(
-                    "state is inconsistent at sample {s} (domain {dom}, seen {seen}, selected {})",
-                    times_selected[s]
+                    "state is inconsistent at sample {s} (domain {dom}, seen {seen}, selected {}, scored {})",
+                    times_selected[s], times_scored[s]
                 )));
             }
             if (seen > 0) != (dom >= 0) {
@@ -476,6 +507,7 @@ impl Tracker {
         t.n_records = n_records;
         t.times_seen = times_seen;
         t.times_selected = times_selected;
+        t.times_scored = times_scored;
         t.last_loss = last_loss;
         t.ema_loss = ema_loss;
         t.sample_domain = sample_domain;

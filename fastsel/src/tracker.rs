@@ -1,8 +1,9 @@
-//! Observational bookkeeping of one run: per-sample counters and losses, per-window per-domain
-//! row counts, a JSON report, and an exact state for resuming. It never feeds back into selection.
+//! Bookkeeping of one run: per-sample counters and losses, per-window per-domain row counts, a
+//! JSON report, and an exact state for resuming. With fresh selection losses it is purely
+//! observational; with stale ones (`record_kept`) its `last_loss` is what the next steps rank by.
 //!
-//! The pure-numpy twin is `scmd/tracking.py`; both must produce bit-identical arrays and equal
-//! JSON (after parsing).
+//! The numpy oracle is `tests/tracker_oracle.py`; both must produce bit-identical arrays and
+//! equal JSON (after parsing).
 
 use crate::error::{Error, Result};
 use crate::selection::desc_key_f64;
@@ -11,7 +12,7 @@ use crate::selection::desc_key_f64;
 pub const MAX_WINDOW_CELLS: usize = 1 << 26;
 
 /// Version tag stored in `state_dict()`.
-pub const STATE_VERSION: i64 = 1;
+pub const STATE_VERSION: i64 = 2;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Tracker {
@@ -22,6 +23,8 @@ pub struct Tracker {
     pub n_records: i64,
     pub times_seen: Vec<i64>,
     pub times_selected: Vec<i64>,
+    /// Losses recorded per sample (= times_seen when every row carries its loss).
+    pub times_scored: Vec<i64>,
     pub last_loss: Vec<f32>,
     pub ema_loss: Vec<f64>,
     /// Domain of each sample, -1 until first seen.
@@ -66,6 +69,7 @@ impl Tracker {
             n_records: 0,
             times_seen: vec![0; n],
             times_selected: vec![0; n],
+            times_scored: vec![0; n],
             last_loss: vec![f32::NAN; n],
             ema_loss: vec![f64::NAN; n],
             sample_domain: vec![-1; n],
@@ -78,7 +82,8 @@ impl Tracker {
         self.window_rows_seen.len() / self.n_domains
     }
 
-    /// Validates everything first, then applies the batch (a failed call changes nothing).
+    /// Records one step of N rows, each with its loss. Validates everything first, then applies
+    /// the batch (a failed call changes nothing).
     pub fn record(
         &mut self,
         step: i64,
@@ -87,9 +92,6 @@ impl Tracker {
         losses: &[f32],
         kept: &[i64],
     ) -> Result<()> {
-        if step < 0 {
-            return Err(Error::Value(format!("step must be >= 0, got {step}")));
-        }
         let n = sample_ids.len();
         if domain_ids.len() != n || losses.len() != n {
             return Err(Error::Value(format!(
@@ -99,6 +101,59 @@ impl Tracker {
                 losses.len()
             )));
         }
+        let is_kept = self.validate(step, sample_ids, domain_ids, kept)?;
+        let scored: Vec<Option<f32>> = losses.iter().map(|&l| Some(l)).collect();
+        self.apply(step, sample_ids, domain_ids, &is_kept, &scored);
+        Ok(())
+    }
+
+    /// Records one step of N rows of which only the kept ones carry a loss: `kept_losses[j]` is
+    /// the loss of row `kept[j]`. Every row counts as seen, the kept rows as selected, and only
+    /// the kept rows' `last_loss`/`ema_loss` change. A failed call changes nothing.
+    pub fn record_kept(
+        &mut self,
+        step: i64,
+        sample_ids: &[i64],
+        domain_ids: &[i64],
+        kept: &[i64],
+        kept_losses: &[f32],
+    ) -> Result<()> {
+        let n = sample_ids.len();
+        if domain_ids.len() != n {
+            return Err(Error::Value(format!(
+                "sample_ids and domain_ids must have the same length, got {} and {}",
+                n,
+                domain_ids.len()
+            )));
+        }
+        if kept_losses.len() != kept.len() {
+            return Err(Error::Value(format!(
+                "kept and kept_losses must have the same length, got {} and {}",
+                kept.len(),
+                kept_losses.len()
+            )));
+        }
+        let is_kept = self.validate(step, sample_ids, domain_ids, kept)?;
+        let mut scored: Vec<Option<f32>> = vec![None; n];
+        for (&p, &l) in kept.iter().zip(kept_losses) {
+            scored[p as usize] = Some(l);
+        }
+        self.apply(step, sample_ids, domain_ids, &is_kept, &scored);
+        Ok(())
+    }
+
+    /// Checks a step's rows (lengths already equal); returns which rows are kept.
+    fn validate(
+        &self,
+        step: i64,
+        sample_ids: &[i64],
+        domain_ids: &[i64],
+        kept: &[i64],
+    ) -> Result<Vec<bool>> {
+        if step < 0 {
+            return Err(Error::Value(format!("step must be >= 0, got {step}")));
+        }
+        let n = sample_ids.len();
         let w = (step as u64 / self.window) as usize;
         let needed = (w + 1).saturating_mul(self.n_domains);
         if needed > MAX_WINDOW_CELLS {
@@ -158,28 +213,42 @@ impl Tracker {
             }
             is_kept[p as usize] = true;
         }
+        Ok(is_kept)
+    }
 
-        // Apply.
+    /// Applies a validated step; `scored[r]` is row r's loss, if it has one.
+    fn apply(
+        &mut self,
+        step: i64,
+        sample_ids: &[i64],
+        domain_ids: &[i64],
+        is_kept: &[bool],
+        scored: &[Option<f32>],
+    ) {
+        let w = (step as u64 / self.window) as usize;
+        let needed = (w + 1) * self.n_domains;
         if needed > self.window_rows_seen.len() {
             self.window_rows_seen.resize(needed, 0);
             self.window_rows_kept.resize(needed, 0);
         }
         let base = w * self.n_domains;
         let keep_w = 1.0 - self.ema;
-        for r in 0..n {
+        for r in 0..sample_ids.len() {
             let s = sample_ids[r] as usize;
             let d = domain_ids[r];
-            let loss = losses[r];
             self.sample_domain[s] = d;
-            let e = if self.times_seen[s] == 0 {
-                f64::from(loss)
-            } else {
-                self.ema * self.ema_loss[s] + keep_w * f64::from(loss)
-            };
-            // NaN sign/payload after arithmetic is not portable: store the canonical NaN.
-            self.ema_loss[s] = if e.is_nan() { f64::NAN } else { e };
+            if let Some(loss) = scored[r] {
+                let e = if self.times_scored[s] == 0 {
+                    f64::from(loss)
+                } else {
+                    self.ema * self.ema_loss[s] + keep_w * f64::from(loss)
+                };
+                // NaN sign/payload after arithmetic is not portable: store the canonical NaN.
+                self.ema_loss[s] = if e.is_nan() { f64::NAN } else { e };
+                self.times_scored[s] += 1;
+                self.last_loss[s] = loss;
+            }
             self.times_seen[s] += 1;
-            self.last_loss[s] = loss;
             self.window_rows_seen[base + d as usize] += 1;
             if is_kept[r] {
                 self.times_selected[s] += 1;
@@ -187,14 +256,13 @@ impl Tracker {
             }
         }
         self.n_records += 1;
-        Ok(())
     }
 
     /// Sample ids of domain `d` that were seen, hardest first: NaN EMA first, then EMA
     /// descending; ties (including -0.0/+0.0) by lower id.
     pub fn hardest(&self, d: i64, top: usize) -> Vec<usize> {
         let mut ids: Vec<(u64, usize)> = (0..self.n_samples)
-            .filter(|&s| self.times_seen[s] > 0 && self.sample_domain[s] == d)
+            .filter(|&s| self.times_scored[s] > 0 && self.sample_domain[s] == d)
             .map(|s| (!desc_key_f64(self.ema_loss[s]), s))
             .collect();
         ids.sort_unstable();
@@ -352,9 +420,32 @@ mod tests {
         assert!(t.record(0, &[0, 0], &[0, 1], &[1.0, 1.0], &[]).is_err());
         assert!(t.record(-1, &[0], &[0], &[1.0], &[]).is_err());
         assert!(t.record(0, &[0], &[0, 1], &[1.0], &[]).is_err());
+        assert!(t.record_kept(0, &[0, 1], &[0, 0], &[1], &[]).is_err());
+        assert!(t.record_kept(0, &[0, 1], &[0], &[1], &[1.0]).is_err());
+        assert!(t.record_kept(0, &[0, 1], &[0, 0], &[2], &[1.0]).is_err());
         assert_eq!(format!("{t:?}"), before);
         t.record(0, &[0], &[0], &[1.0], &[]).unwrap();
         assert!(t.record(1, &[0], &[1], &[1.0], &[]).is_err());
+    }
+
+    #[test]
+    fn record_kept_scores_only_the_kept_rows() {
+        let mut t = Tracker::new(4, 2, 10, 0.5).unwrap();
+        t.record(0, &[1], &[0], &[2.0], &[0]).unwrap();
+        // rows: samples 1, 2, 3; only row 2 (sample 3) and row 0 (sample 1) are kept and scored
+        t.record_kept(1, &[1, 2, 3], &[0, 1, 1], &[2, 0], &[5.0, 4.0])
+            .unwrap();
+        assert_eq!(t.times_seen, vec![0, 2, 1, 1]);
+        assert_eq!(t.times_selected, vec![0, 2, 0, 1]);
+        assert_eq!(t.times_scored, vec![0, 2, 0, 1]);
+        assert_eq!(t.last_loss[1], 4.0);
+        assert!(t.last_loss[2].is_nan()); // seen, never scored
+        assert_eq!(t.last_loss[3], 5.0);
+        assert_eq!(t.ema_loss[1], 3.0); // 0.5 * 2 + 0.5 * 4
+        assert_eq!(t.ema_loss[3], 5.0); // its first loss
+        assert_eq!(t.window_rows_seen, vec![2, 2]);
+        assert_eq!(t.window_rows_kept, vec![2, 1]);
+        assert_eq!(t.hardest(1, 10), vec![3]); // only scored samples rank
     }
 
     #[test]

@@ -46,9 +46,10 @@ def topk_per_domain(
 # --- tracker --------------------------------------------------------------------------------
 
 class Tracker:
-    """Observational bookkeeping of one run; never influences selection.
+    """Bookkeeping of one run. With fresh selection losses purely observational; with stale ones
+    (``record_kept``) ``last_loss`` is what the next selecting steps rank by.
 
-    ``scmd.tracking.Tracker`` is the pure-numpy twin (same arrays bit for bit, same JSON).
+    ``tests/tracker_oracle.py`` is the numpy oracle (same arrays bit for bit, same JSON).
     """
 
     def __init__(self, n_samples: int, n_domains: int, window: int = 100, ema: float = 0.9) -> None: ...
@@ -75,12 +76,25 @@ class Tracker:
         ``step >= 0``; ids must be in range and a sample keeps one domain for the whole run.
         Everything is validated before anything changes.
         """
+    def record_kept(
+        self,
+        step: int,
+        sample_ids: npt.NDArray[np.int64],
+        domain_ids: npt.NDArray[np.int64],
+        kept: npt.NDArray[np.int64],
+        kept_losses: npt.NDArray[np.float32],
+    ) -> None:
+        """Records one step of N rows of which only the kept rows carry a loss: ``kept_losses[j]``
+        is row ``kept[j]``'s. Every row counts as seen, the kept rows as selected; only the kept
+        rows' ``last_loss`` and ``ema_loss`` change. Validated as ``record``."""
     def times_seen(self) -> npt.NDArray[np.int64]: ...
     def times_selected(self) -> npt.NDArray[np.int64]: ...
+    def times_scored(self) -> npt.NDArray[np.int64]:
+        """Losses recorded per sample (``times_seen`` when every row carried its loss)."""
     def last_loss(self) -> npt.NDArray[np.float32]:
-        """Loss of the latest row of each sample; NaN where never seen."""
+        """Latest recorded loss of each sample; NaN where none was recorded."""
     def ema_loss(self) -> npt.NDArray[np.float64]:
-        """First loss, then ``ema * prev + (1 - ema) * loss`` per row; NaN where never seen.
+        """First loss, then ``ema * prev + (1 - ema) * loss`` per recorded loss; NaN where none.
         Any NaN is stored as the canonical quiet NaN (its bits do not depend on the arithmetic)."""
     def sample_domain(self) -> npt.NDArray[np.int64]:
         """Domain of each sample, -1 where never seen."""
@@ -90,12 +104,13 @@ class Tracker:
         """Rows kept, shape ``[n_windows, n_domains]``."""
     def report_json(self, top: int = 10) -> str:
         """JSON report: settings, per-domain totals and kept share, per-window per-domain kept
-        share (windows with rows only), and per domain the ``top`` hardest seen samples by
+        share (windows with rows only), and per domain the ``top`` hardest scored samples by
         ``ema_loss`` (NaN first, then descending, ties by lower id). Non-finite floats are the
         strings "NaN"/"Infinity"/"-Infinity"; an undefined share is null."""
     def state_dict(self) -> Dict[str, Union[np.ndarray, int, float]]: ...
     def load_state_dict(self, state: Dict[str, Union[np.ndarray, int, float]]) -> None:
-        """Restores an exact state taken from a tracker with the same settings."""
+        """Restores an exact state taken from a tracker with the same settings (state version 1,
+        from before ``times_scored``, loads with ``times_scored = times_seen``)."""
 
 # --- dataset indexing -----------------------------------------------------------------------
 
