@@ -9,7 +9,8 @@ Per sample: ``times_seen`` (+1 per row, duplicates count twice), ``times_selecte
 row), ``times_scored`` (+1 per row that carries a loss), ``last_loss`` (float32, the later row
 wins), ``ema_loss`` (float64; the first recorded loss sets it, then ``ema * prev + (1 - ema) * loss``
 row by row; a NaN loss makes it NaN for good, stored as the canonical quiet NaN so that the bits do
-not depend on the arithmetic that produced it). Samples without a recorded loss have NaN losses. Per window ``step // window`` and domain: rows seen and kept.
+not depend on the arithmetic that produced it). Samples without a recorded loss have NaN losses.
+Per window ``step // window`` and domain: rows seen and kept.
 
 JSON report: floats are shortest round-trip numbers; NaN and infinities are written as the
 strings ``"NaN"``, ``"Infinity"``, ``"-Infinity"``; a share with no rows is ``null``. "hardest"
