@@ -85,6 +85,9 @@ class Settings:
     selector: str = arg("fastsel", "who ranks the losses: fastsel (Rust, CPU) or select_hardest, the torch reference "
                                    "it must match", choices=["fastsel", "torch"])
     select_per_domain: bool = arg(False, "keep the top p of each domain's rows instead of the top p of the batch")
+    selection_losses: str = arg("fresh", "what the selection ranks: fresh (the paper: a no-grad pass over the batch) "
+                                         "or stale (each candidate's last recorded training CE; no extra pass)",
+                                choices=["fresh", "stale"])
     device: str = arg("auto", "auto, cpu, cuda, cuda:N")
     workers: Optional[int] = arg(None, "loader worker processes (default 0 in memory, else 4)", type=int)
     eval_splits: str = arg("all", "all (DomainBed's records), or selection: only the splits that training-domain "
@@ -195,35 +198,44 @@ def select_hardest_per_domain(losses: torch.Tensor, domains: torch.Tensor, p: fl
 
 
 class Selector:
-    """Ranks the selection pass's losses with fastsel (Rust) or the torch reference; both return the same
-    positions. Feeds the observational tracker (it never changes what is selected)."""
+    """Ranks per-sample losses with fastsel (Rust) or the torch reference; both return the same positions.
+    fresh (the paper): the selection pass's losses; the tracker only observes. stale (--selection-losses stale):
+    each candidate's latest CE that the tracker recorded from the training forward of a step it was kept in;
+    never-scored samples first (NaN ranks first, so each sample gets a loss as early as possible, as InfoBatch
+    trains unseen samples), ties in a random order drawn from (seed, step), which keeps resume exact."""
 
-    def __init__(self, kind: str, per_domain: bool, p: float, tracker):
-        self.kind, self.per_domain, self.p, self.tracker = kind, per_domain, p, tracker
-        if kind == "fastsel":
-            import fastsel
+    def __init__(self, kind: str, per_domain: bool, p: float, tracker, seed: int = 0):
+        self.kind, self.per_domain, self.p, self.tracker, self.seed = kind, per_domain, p, tracker, seed
+        self.fastsel = __import__("fastsel") if kind == "fastsel" else None
 
-            self.fastsel = fastsel
+    def rank(self, losses: torch.Tensor, host, domains: torch.Tensor) -> torch.Tensor:
+        """Positions of the kept rows: the top floor(N p) of the batch (or per domain), by the rule above."""
+        if self.kind == "fastsel" and self.per_domain:
+            return torch.from_numpy(self.fastsel.topk_per_domain(host, domains.numpy(), self.p))
+        if self.kind == "fastsel":
+            return torch.from_numpy(self.fastsel.topk_desc(host, int(len(host) * self.p)))  # k = floor(N p)
+        if self.per_domain:
+            return select_hardest_per_domain(losses, domains.to(losses.device), self.p)
+        return select_hardest(losses, int(len(losses) * self.p))
 
     def __call__(self, losses: torch.Tensor, domains: torch.Tensor, ids: torch.Tensor, step: int) -> torch.Tensor:
-        """losses: the N per-sample CEs (on the device); domains, ids: the rows' domain and sample ids (CPU)."""
-        k = int(len(losses) * self.p)  # kept count floor(N * p)
-        host = None
-        if self.kind == "fastsel" or self.tracker is not None:
-            host = losses.detach().float().cpu().numpy()  # one device->host copy of N floats
-        if self.kind == "fastsel":
-            if self.per_domain:
-                keep = torch.from_numpy(self.fastsel.topk_per_domain(host, domains.numpy(), self.p))
-            else:
-                keep = torch.from_numpy(self.fastsel.topk_desc(host, k))
-            keep = keep.to(losses.device)
-        elif self.per_domain:
-            keep = select_hardest_per_domain(losses, domains.to(losses.device), self.p)
-        else:
-            keep = select_hardest(losses, k)
+        """Fresh: losses are the N per-sample CEs (on the device); domains, ids: the rows' domain and sample ids."""
+        host = losses.detach().float().cpu().numpy()  # one device->host copy of N floats
+        keep = self.rank(losses, host, domains).to(losses.device)
         if self.tracker is not None:  # observational bookkeeping only
             self.tracker.record(step, ids.numpy(), domains.numpy(), host, keep.cpu().numpy())
         return keep
+
+    def stale_keep(self, domains: torch.Tensor, ids: torch.Tensor, step: int) -> torch.Tensor:
+        """Stale: rank the candidates by their last recorded CE (NaN where never scored); no forward pass."""
+        perm = np.random.default_rng((self.seed, step)).permutation(len(ids))  # random order among ties
+        host = self.tracker.last_loss()[ids.numpy()[perm]]
+        return torch.from_numpy(perm)[self.rank(torch.from_numpy(host), host, domains[perm])]
+
+    def observe(self, step: int, domains, ids, keep, kept_ce: torch.Tensor) -> None:
+        """Stale: every candidate counts as seen, the kept ones as selected with their training CE."""
+        self.tracker.record_kept(step, ids.numpy(), domains.numpy(), keep.cpu().numpy(),
+                                 kept_ce.detach().float().cpu().numpy())
 
 
 # =========================================================================================================
@@ -284,6 +296,7 @@ class SCMDTrainer:
     def __init__(self, s, hparams, student, teacher, selector, device):
         self.device = device
         self.use_selection, self.use_logits, self.use_cm = ALGORITHMS[s.algorithm]
+        self.stale = s.selection_losses == "stale"
         self.student, self.teacher, self.selector = student, teacher, selector
         self.lambda1, self.lambda2, self.T = hparams["lambda1"], hparams["lambda2"], hparams["temperature"]
         self.worst_case_p, self.last_k = hparams["worst_case_p"], hparams["last_k_epoch"]
@@ -306,10 +319,16 @@ class SCMDTrainer:
 
     def update(self, x, y, domains, ids, step):
         n_seen = len(y)
-        if self.selecting(step):  # --- hard-sample selection: rank the whole concatenated batch -------------
+        selecting = self.selecting(step)
+        if selecting and self.stale:  # --- selection by each candidate's last recorded CE: no extra pass ----
+            keep = self.selector.stale_keep(domains, ids, step).to(x.device)
+        elif selecting:  # --- hard-sample selection: rank the whole concatenated batch ------------------------
             keep = self.selector(self.per_sample_ce(x, y), domains, ids, step)
+        if selecting:
             x, y = x[keep], y[keep]  # "the batch" is now the n = floor(N p) hardest samples
-        loss, loss_ce, loss_logits, loss_cm = self.losses(x, y)
+        loss, loss_ce, loss_logits, loss_cm, z_s = self.losses(x, y)
+        if selecting and self.stale:  # the kept rows' CE before this update: what later steps rank them by
+            self.selector.observe(step, domains, ids, keep, F.cross_entropy(z_s.detach().float(), y, reduction="none"))
         self.optimise(loss)
         return {"loss": loss.detach(), "ce": loss_ce.detach(), "logits": loss_logits.detach(),
                 "cm": loss_cm.detach(), "n": torch.tensor(float(len(y))), "N": torch.tensor(float(n_seen))}
@@ -337,7 +356,7 @@ class SCMDTrainer:
                 u = cm_logits(f, self.projector, self.theta, self.teacher.t_hat)
                 loss_cm = kd_kl(u, q, self.T)  # L_CM = T^2 KL(q || softmax(u/T))
                 loss = loss + self.lambda2 * loss_cm  # L = L_CE + lambda1 L_logits + lambda2 L_CM
-        return loss, loss_ce, loss_logits, loss_cm
+        return loss, loss_ce, loss_logits, loss_cm, z_s
 
     def optimise(self, loss) -> None:
         """Adam step (loss scaling on CUDA), theta clamp, SMA update."""
@@ -349,27 +368,6 @@ class SCMDTrainer:
             with torch.no_grad():
                 self.theta.clamp_(0.0, THETA_MAX)  # exp(theta) in [1, 100], every step
         self.sma.update()
-
-    # --- everything a resumed run needs ------------------------------------------------------------------
-    def state_dict(self) -> dict:
-        st = {"student": self.student.state_dict(), "sma": self.sma.net.state_dict(),
-              "sma_global_iter": self.sma.global_iter, "sma_count": self.sma.count,
-              "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict()}
-        if self.use_cm:
-            st["projector"] = self.projector.state_dict()
-            st["theta"] = self.theta.detach().clone()
-        return st
-
-    def load_state_dict(self, st: dict) -> None:
-        self.student.load_state_dict(st["student"])
-        self.sma.net.load_state_dict(st["sma"])
-        self.sma.global_iter, self.sma.count = st["sma_global_iter"], st["sma_count"]
-        if self.use_cm:
-            self.projector.load_state_dict(st["projector"])
-            with torch.no_grad():
-                self.theta.copy_(st["theta"])
-        self.optimizer.load_state_dict(st["optimizer"])
-        self.scaler.load_state_dict(st["scaler"])
 
 
 # =========================================================================================================
@@ -425,7 +423,7 @@ def build_models(s, hparams, index, device):
         teacher = Teacher(clip, tokens, s.teacher_renorm).to(device)  # also its t_hat and renorm buffers
     clip.to(device)
     tracker = R.make_tracker(s, index) if use_selection else None
-    selector = Selector(s.selector, s.select_per_domain, hparams["worst_case_p"], tracker)
+    selector = Selector(s.selector, s.select_per_domain, hparams["worst_case_p"], tracker, s.seed)
     return SCMDTrainer(s, hparams, student, teacher, selector, device), clip, tracker
 
 

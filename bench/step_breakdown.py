@@ -65,8 +65,8 @@ PHASE_HELP = {
     "data": "host->device copy of the step's batch (x, y, domains) as the loop does it (synthetic batch)",
     "selection_pass": "no-grad fp32 student forward + per-sample CE on all N",
     "ranking": "the selector: device->host copy of the N losses (fastsel, tracker), top-k (fastsel.topk_desc or "
-               "torch.sort), keep indices to the device",
-    "bookkeeping": "tracker.record",
+               "torch.sort), keep indices to the device (stale: the candidates' recorded losses instead)",
+    "bookkeeping": "tracker.record (stale: tracker.record_kept of the kept rows' training CE)",
     "teacher": "CLIP teacher forward -> q (authors: + the text tower, twice per step)",
     "student_fwd_loss": "student forward on the (selected) batch + L_CE, L_logits, L_CM",
     "backward_optim": "zero_grad + scaled backward + scaler.step(Adam) + scaler.update + theta clamp",
@@ -74,10 +74,12 @@ PHASE_HELP = {
     "other": "total minus the phases above (Python glue, x[keep], y[keep])",
 }
 BASE_CONFIGS = ["erm", "kd", "scmd-no-select", "scmd", "authors"]
-VARIANTS = ["channels_last", "bf16", "pinned", "async_select", "compile"]
+VARIANTS = ["channels_last", "bf16", "pinned", "async_select", "compile", "stale"]
 CUDA_ONLY = ("bf16", "pinned", "async_select", "compile")
 # default CUDA columns: each candidate alone, then the ones that keep results identical, together
-CUDA_DEFAULT_VARIANTS = ["channels_last", "bf16", "pinned", "async_select", "channels_last+pinned+async_select"]
+CUDA_DEFAULT_VARIANTS = ["channels_last", "bf16", "pinned", "async_select", "channels_last+pinned+async_select",
+                         "stale"]
+CPU_DEFAULT_VARIANTS = ["stale"]  # --selection-losses stale: rank by recorded losses, no selection pass
 PACS_CLASSES = ["dog", "elephant", "giraffe", "guitar", "horse", "house", "person"]
 STEP0 = S.SMA_START_ITER  # step index of the first timed step (any value <= the selection cut-off)
 NOTE_WEIGHTS = ("random weights (no pretrained weights offline): the cost of a step does not depend on the weight "
@@ -187,6 +189,10 @@ class TimedTracker:
         with self.case.timer("bookkeeping"):
             return self.inner.record(*args)
 
+    def record_kept(self, *args):
+        with self.case.timer("bookkeeping"):
+            return self.inner.record_kept(*args)
+
     def __getattr__(self, name):
         return getattr(self.inner, name)
 
@@ -198,6 +204,10 @@ class TimedSelector:
     def __call__(self, *args):
         with self.case.timer("ranking"):
             return self.inner(*args)
+
+    def stale_keep(self, *args):
+        with self.case.timer("ranking"):
+            return self.inner.stale_keep(*args)
 
     def __getattr__(self, name):
         return getattr(self.inner, name)
@@ -472,11 +482,15 @@ def make_case(models: Models, name: str, batch: int, seed: int = 0, selector: st
         student = student.to(memory_format=torch.channels_last)  # before the trainer: SMA/optimizer see these
     hp = make_hparams("vlcs", 0, 0)
     hp["batch_size"] = batch
-    args = argparse.Namespace(algorithm=algo, selection_horizon=10**9)  # always selecting (steady state)
+    stale = "stale" in variants
+    args = argparse.Namespace(algorithm=algo, selection_horizon=10**9,  # always selecting (steady state)
+                              selection_losses="stale" if stale else "fresh")
     use_selection = S.ALGORITHMS[algo][0]
-    trk, trk_desc = (None, "n/a") if (authors or not use_selection) else make_tracker(tracker, n_samples,
-                                                                                       models.n_envs)
-    sel = S.Selector("torch" if authors else selector, False, hp["worst_case_p"], trk)
+    if stale and not use_selection:
+        raise SystemExit(f"step_breakdown: the stale variant needs an algorithm with selection, not {algo}")
+    trk, trk_desc = (None, "n/a") if (authors or not use_selection) else make_tracker(
+        "fastsel" if stale else tracker, n_samples, models.n_envs)  # stale ranks by the tracker's losses
+    sel = S.Selector("torch" if authors else selector, False, hp["worst_case_p"], trk, seed)
     use_teacher = S.ALGORITHMS[algo][1] or S.ALGORITHMS[algo][2]
     tr = S.SCMDTrainer(args, hp, student, models.teacher if use_teacher else None, sel, dev)
     tr.sma.global_iter = S.SMA_START_ITER - 1  # time the averaging branch (the steady state), not the copy
@@ -723,7 +737,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help=f"comma list; default {','.join(BASE_CONFIGS)} + the --variants of scmd")
     p.add_argument("--variants", default=None,
                    help=f"comma list of scmd variants to add ({', '.join(VARIANTS)}; combine with +); default: "
-                        f"CUDA {','.join(CUDA_DEFAULT_VARIANTS)}; CPU none")
+                        f"CUDA {','.join(CUDA_DEFAULT_VARIANTS)}; CPU {','.join(CPU_DEFAULT_VARIANTS)}")
     p.add_argument("--compile", action="store_true", help="add the scmd+compile variant (CUDA; slow warm-up)")
     p.add_argument("--selector", choices=["auto", "fastsel", "torch"], default="auto",
                    help="ranking of our configs: auto = fastsel.topk_desc if built, else torch.sort (stable)")
@@ -756,7 +770,7 @@ def resolve(args) -> argparse.Namespace:
     else:
         configs = list(BASE_CONFIGS)
         variants = args.variants.split(",") if args.variants is not None else (
-            list(CUDA_DEFAULT_VARIANTS) if cuda else [])
+            list(CUDA_DEFAULT_VARIANTS) if cuda else list(CPU_DEFAULT_VARIANTS))
         if args.compile:
             variants.append("compile")
         for v in variants:

@@ -176,7 +176,7 @@ def restore(out: Path, resume: str, fingerprint: dict, trainer, tracker):
                       if fingerprint.get(k) != ckpt["fingerprint"].get(k))
         raise UsageError(f"{out} holds a run made with different settings ({', '.join(diff)}); use another "
                          f"--output-dir, or --resume no to start afresh there")
-    trainer.load_state_dict(ckpt["trainer"])
+    load_trainer_state(trainer, ckpt["trainer"])
     if tracker is not None:
         tracker.load_state_dict({k: (v.numpy() if torch.is_tensor(v) else v) for k, v in ckpt["tracker"].items()})
     O.set_rng_state(ckpt["rng"])
@@ -187,13 +187,35 @@ def restore(out: Path, resume: str, fingerprint: dict, trainer, tracker):
 
 
 def save_last(out: Path, step: int, trainer, tracker, window: dict, fingerprint: dict, teacher_acc) -> None:
-    O.atomic_torch_save({"step": step, "trainer": trainer.state_dict(), "rng": O.rng_state(),
+    O.atomic_torch_save({"step": step, "trainer": trainer_state(trainer), "rng": O.rng_state(),
                          "tracker": tracker_state(tracker), "window": window, "fingerprint": fingerprint,
                          "teacher_zero_shot": teacher_acc}, out / O.CKPT_LAST)
 
 
 # ---------------------------------------------------------------------------------------------------------
 # records (DomainBed's fields, so its collect_results reads our folders, plus ours)
+
+
+def trainer_state(t) -> dict:
+    """Everything a resumed run needs of the trainer: student, SMA, optimiser, loss scaler, P and theta."""
+    st = {"student": t.student.state_dict(), "sma": t.sma.net.state_dict(), "sma_global_iter": t.sma.global_iter,
+          "sma_count": t.sma.count, "optimizer": t.optimizer.state_dict(), "scaler": t.scaler.state_dict()}
+    if t.use_cm:
+        st["projector"] = t.projector.state_dict()
+        st["theta"] = t.theta.detach().clone()
+    return st
+
+
+def load_trainer_state(t, st: dict) -> None:
+    t.student.load_state_dict(st["student"])
+    t.sma.net.load_state_dict(st["sma"])
+    t.sma.global_iter, t.sma.count = st["sma_global_iter"], st["sma_count"]
+    if t.use_cm:
+        t.projector.load_state_dict(st["projector"])
+        with torch.no_grad():
+            t.theta.copy_(st["theta"])
+    t.optimizer.load_state_dict(st["optimizer"])
+    t.scaler.load_state_dict(st["scaler"])
 
 
 def new_window() -> dict:

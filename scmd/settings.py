@@ -144,6 +144,9 @@ def resolve(s, algorithms: dict) -> tuple:
     use_selection = algorithms[s.algorithm][0]
     if s.select_per_domain and not use_selection:
         raise UsageError(f"--select-per-domain needs an algorithm with selection; {s.algorithm} has none")
+    if s.selection_losses == "stale" and not use_selection:
+        raise UsageError(f"--selection-losses stale needs an algorithm with selection (scmd, scmd-no-cm); "
+                         f"{s.algorithm} has none")
     if not fastsel_available():  # indexing, prompt tokens and the tracker are fastsel's whatever the --selector
         raise UsageError("the fastsel extension is not built; run `bash scripts/setup.sh` (or install its wheel)")
     if not DEVICE_SYNTAX.match(s.device):
@@ -175,5 +178,7 @@ def _canonical_algorithm(name: str, algorithms: dict) -> str:
 def fingerprint(s, hparams: dict) -> dict:
     """Every setting that changes a run's result, and its hparams: the identity of its output folder."""
     fp = {k: v for k, v in dataclasses.asdict(s).items() if k not in RUN_ONLY}
+    if fp.get("selection_losses") == "fresh":  # the paper's selection: the identity runs had before the option
+        del fp["selection_losses"]
     fp["hparams"] = json.dumps(hparams, sort_keys=True)
     return fp

@@ -363,11 +363,18 @@ def status(a) -> int:
 # collect: DomainBed's model selection and tables
 
 
+STALE_SUFFIX = "_stale"  # collect's row of runs with --selection-losses stale (e.g. SCMD_stale)
+
+
 def load_records(output_dir: Path) -> List[dict]:
-    """Every record of every run folder (a sweep's, or any folder of scmd_ref.py runs), with its folder."""
+    """Every record of every run folder (a sweep's, or any folder of scmd_ref.py runs), with its folder. Runs
+    with --selection-losses stale are a row of their own (algorithm name + _stale), never mixed with the paper's."""
     recs = []
     for f in sorted(output_dir.glob(f"*/{O.RESULTS}")):
-        recs += [{**r, "_folder": str(f.parent)} for r in O.read_records(f)]
+        for r in O.read_records(f):
+            if r.get("scmd_args", {}).get("selection_losses") == "stale":
+                r["args"] = {**r["args"], "algorithm": r["args"]["algorithm"] + STALE_SUFFIX}
+            recs.append({**r, "_folder": str(f.parent)})
     return recs
 
 
@@ -435,10 +442,12 @@ def tables(output_dir: Path) -> dict:
     ours = {v: k for k, v in db_name.items()}
     expected: Dict[tuple, List[dict]] = {}
     for r in planned:
-        expected.setdefault((db_name[r["dataset"]], DOMAINBED_ALGORITHM_NAME[r["algorithm"]], r["test_env"]),
-                            []).append(r)
+        stale = r.get("fingerprint", {}).get("selection_losses") == "stale"
+        alg = DOMAINBED_ALGORITHM_NAME[r["algorithm"]] + (STALE_SUFFIX if stale else "")
+        expected.setdefault((db_name[r["dataset"]], alg, r["test_env"]), []).append(r)
     datasets = sorted({k[0] for k in expected} | {r["args"]["dataset"] for r in records})
-    algorithms = [n for n in DOMAINBED_ALGORITHM_NAME.values()
+    names = [n + v for n in DOMAINBED_ALGORITHM_NAME.values() for v in ("", STALE_SUFFIX)]
+    algorithms = [n for n in names
                   if any(k[1] == n for k in expected) or any(r["args"]["algorithm"] == n for r in records)]
     out = {"selection": {}}
     for sel_name, run_acc in SELECTIONS.items():

@@ -4,8 +4,10 @@ counts and horizon, shapes. Tiny networks on CPU; each test says what it proves.
 from __future__ import annotations
 
 import argparse
+import copy
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -41,14 +43,14 @@ class FixedTeacher(nn.Module):
         return 100 * F.normalize(self.proj(x.mean((2, 3))), dim=-1) @ self.t_hat.T
 
 
-def make_trainer(algorithm="scmd", horizon=5000, hp=None, n_classes=4):
+def make_trainer(algorithm="scmd", horizon=5000, hp=None, n_classes=4, losses="fresh", tracker=None, kind="torch"):
     torch.manual_seed(0)
-    args = argparse.Namespace(algorithm=algorithm, selection_horizon=horizon)
+    args = argparse.Namespace(algorithm=algorithm, selection_horizon=horizon, selection_losses=losses)
     hparams = {"lambda1": 0.5, "lambda2": 0.5, "temperature": 3.0, "worst_case_p": 0.2, "last_k_epoch": 0.25,
                "lr": 1e-2, "weight_decay": 0.0, "batch_size": 32, "resnet_dropout": 0.0}
     hparams.update(hp or {})
     student = S.Student(TinyBackbone(), n_classes, hparams["resnet_dropout"])
-    selector = S.Selector("torch", False, hparams["worst_case_p"], None)
+    selector = S.Selector(kind, False, hparams["worst_case_p"], tracker)
     return S.SCMDTrainer(args, hparams, student, FixedTeacher(n_classes), selector, torch.device("cpu"))
 
 
@@ -204,9 +206,80 @@ def test_student_and_projector_shapes_for_resnet50():
     assert tuple(st.classifier.weight.shape) == (7, 2048) and st.classifier.bias is not None
     with torch.no_grad():
         assert st(torch.randn(2, 3, 64, 64)).shape == (2, 7)
-    tr_args = argparse.Namespace(algorithm="scmd", selection_horizon=5000)
+    tr_args = argparse.Namespace(algorithm="scmd", selection_horizon=5000, selection_losses="fresh")
     hp = {"lambda1": 0.5, "lambda2": 0.5, "temperature": 3.0, "worst_case_p": 0.2, "last_k_epoch": 0.25,
           "lr": 5e-5, "weight_decay": 0.0, "batch_size": 32, "resnet_dropout": 0.0}
     tr = S.SCMDTrainer(tr_args, hp, st, FixedTeacher(7, 512), S.Selector("torch", False, 0.2, None),
                        torch.device("cpu"))
     assert tuple(tr.projector.weight.shape) == (512, 2048) and tr.projector.bias is None
+
+
+def _no_selection_pass(*args):
+    raise AssertionError("stale selection must not run the selection pass")
+
+
+@pytest.mark.parametrize("kind", ["torch", "fastsel"])
+def test_stale_selection_ranks_candidates_by_their_last_recorded_training_ce(kind):
+    """--selection-losses stale: no selection pass; the kept rows are the candidates with the largest recorded CE
+    (never-scored first, ties in the order of numpy's permutation drawn from (seed, step)), and the tracker then
+    holds each kept sample's CE from this step's training forward, before the update."""
+    import fastsel
+
+    tracker = fastsel.Tracker(150, 3)
+    tr = make_trainer(losses="stale", tracker=tracker, kind=kind)
+    tr.per_sample_ce = _no_selection_pass
+    k = int(96 * 0.2)
+    x, y, dom, _ = batch(seed=1)
+    ids = torch.arange(96)
+    before = copy.deepcopy(tr.student)
+    out = tr.update(x, y, dom, ids, 0)
+    assert int(out["n"]) == k
+    # step 0: nothing is scored yet, so every candidate ties and the kept rows are the permutation's first k
+    keep0 = np.random.default_rng((0, 0)).permutation(96)[:k]
+    assert tracker.times_seen()[:96].tolist() == [1] * 96 and tracker.times_scored()[keep0].tolist() == [1] * k
+    assert sorted(np.flatnonzero(tracker.times_scored())) == sorted(keep0.tolist())
+    with torch.no_grad():
+        ce = F.cross_entropy(before(x[keep0]), y[keep0], reduction="none")
+    torch.testing.assert_close(torch.from_numpy(tracker.last_loss()[keep0]), ce)
+    chosen = []
+    inner = tr.selector.stale_keep
+    tr.selector.stale_keep = lambda *a: chosen.append(inner(*a)) or chosen[-1]
+    # step 1: the 19 scored samples and 77 never-scored ones (ids 0..95 not kept at step 0, and 100..118)
+    ids1 = torch.cat([torch.from_numpy(keep0), torch.from_numpy(np.setdiff1d(np.arange(96), keep0)),
+                      torch.arange(100, 119)])
+    dom1 = torch.cat([dom[ids1[:96]], torch.arange(19) % 3])
+    x1, y1, _, _ = batch(seed=2, n=115)
+    pre = tracker.last_loss()[ids1.numpy()]
+    tr.update(x1, y1, dom1, ids1, 1)
+    assert np.isnan(pre[chosen[0].numpy()]).all()  # never-scored candidates rank first
+    # step 2: only scored samples (38, repeated to 96 rows): the kept rows are those with the k largest CEs
+    ids2 = torch.from_numpy(np.resize(np.flatnonzero(tracker.times_scored()), 96))
+    dom2 = torch.from_numpy(tracker.sample_domain()[ids2.numpy()])
+    last = tracker.last_loss()[ids2.numpy()]
+    tr.update(x1[:96], y1[:96], dom2, ids2, 2)
+    kept = chosen[1].numpy()
+    rest = np.setdiff1d(np.arange(96), kept)
+    assert len(kept) == k and not np.isnan(last).any()
+    assert last[kept].min() >= last[rest].max()
+    assert list(last[kept]) == sorted(last[kept], reverse=True)
+
+
+def test_fresh_selection_scores_every_row_and_keeps_the_selection_pass_top_k():
+    """The faithful mode is the paper's: the kept rows are the top k of the selection pass, and the tracker only
+    records (every row carries its selection-pass loss; nothing recorded is read back)."""
+    import fastsel
+
+    tracker = fastsel.Tracker(150, 3)
+    tr = make_trainer(tracker=tracker, kind="fastsel")
+    x, y, dom, ids = batch(seed=3)
+    with torch.no_grad():
+        ce = F.cross_entropy(tr.student(x), y, reduction="none")
+    class WriteOnly:  # the tracker as the fresh selector sees it: any read fails the test
+        def record(self, *a):
+            tracker.record(*a)
+
+    tr.selector.tracker = WriteOnly()
+    tr.update(x, y, dom, ids, 0)
+    assert tracker.times_scored()[:96].tolist() == tracker.times_seen()[:96].tolist() == [1] * 96
+    sel = tracker.times_selected()[:96].astype(bool)
+    assert sorted(np.flatnonzero(sel)) == sorted(S.select_hardest(ce, int(96 * 0.2)).tolist())

@@ -13,6 +13,7 @@ from PIL import Image
 
 from bench import data_loading as dl
 from bench import step_breakdown as sb
+from scmd import run as R
 
 CPU = torch.device("cpu")
 BATCH = 4  # per training domain: N = 12, kept 2
@@ -37,7 +38,7 @@ def models():
 
 def _same_trainer_state(a, b, exact=True):
     check = torch.equal if exact else (lambda u, v: torch.allclose(u, v, rtol=1e-5, atol=1e-6))
-    sa, sb_ = a.state_dict(), b.state_dict()
+    sa, sb_ = R.trainer_state(a), R.trainer_state(b)
     for part in ("student", "sma", "projector"):
         if part in sa:
             for k, v in sa[part].items():
@@ -65,7 +66,7 @@ def _selectors():
 
 
 @pytest.mark.parametrize("algorithm,selector", [("erm", "torch"), ("kd", "torch"), ("scmd-no-select", "torch")]
-                         + [("scmd", s) for s in _selectors()])
+                         + [(a, s) for a in ("scmd", "scmd+stale") for s in _selectors()])
 def test_timed_step_is_trainer_update(models, algorithm, selector):
     """Same models, seed and batches: the plain SCMDTrainer.update and the benchmark's timed one give bit-identical
     losses, weights, SMA, optimizer state and tracker records, and every phase of the step is timed."""
@@ -82,9 +83,13 @@ def test_timed_step_is_trainer_update(models, algorithm, selector):
             assert torch.equal(ra[k], rb[k]), f"step {i}: {k} {ra[k]} != {rb[k]}"
         assert set(phases) <= {*sb.PHASES, "total"}
         expect = ({"data", "student_fwd_loss", "backward_optim", "sma"} | ({"teacher"} if algorithm != "erm" else set())
-                  | ({"selection_pass", "ranking"} if algorithm == "scmd" else set()))
+                  | ({"selection_pass", "ranking"} if algorithm == "scmd" else set())
+                  | ({"ranking", "bookkeeping"} if algorithm == "scmd+stale" else set()))
         assert expect <= set(phases), (algorithm, sorted(phases))
-    assert int(rb["N"]) == 3 * BATCH and int(rb["n"]) == (int(3 * BATCH * 0.2) if algorithm == "scmd" else 3 * BATCH)
+        if algorithm == "scmd+stale":  # no selection pass: the recorded losses are ranked instead
+            assert "selection_pass" not in phases
+    selecting = algorithm.startswith("scmd") and algorithm != "scmd-no-select"
+    assert int(rb["N"]) == 3 * BATCH and int(rb["n"]) == (int(3 * BATCH * 0.2) if selecting else 3 * BATCH)
     _same_trainer_state(a.trainer, b.trainer)
     _same_tracker(a.trainer.selector.tracker, b.trainer.selector.tracker)
 
@@ -123,13 +128,14 @@ def test_step_breakdown_json_has_every_phase(breakdown):
         assert key in d["versions"]
     assert d["settings"]["scale"] == "tiny" and d["settings"]["N"] == 6 and d["settings"]["steps"] == 2
     assert any("random weights" in n for n in d["notes"])
-    assert list(d["configs"]) == sb.BASE_CONFIGS
+    assert list(d["configs"]) == sb.BASE_CONFIGS + [f"scmd+{v}" for v in sb.CPU_DEFAULT_VARIANTS]
     timed = {  # phases that must have been timed in every step
         "erm": {"data", "student_fwd_loss", "backward_optim", "sma"},
         "kd": {"data", "teacher", "student_fwd_loss", "backward_optim", "sma"},
         "scmd-no-select": {"data", "teacher", "student_fwd_loss", "backward_optim", "sma"},
         "scmd": {"data", "selection_pass", "ranking", "teacher", "student_fwd_loss", "backward_optim", "sma"},
         "authors": {"data", "selection_pass", "ranking", "teacher", "student_fwd_loss", "backward_optim", "sma"},
+        "scmd+stale": {"data", "ranking", "bookkeeping", "teacher", "student_fwd_loss", "backward_optim", "sma"},
     }
     for name, cfg in d["configs"].items():
         assert set(cfg["phases"]) == {*sb.PHASES, "total"}, name

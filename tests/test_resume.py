@@ -169,3 +169,10 @@ def test_sigterm_to_the_whole_process_group_with_loader_workers_stops_with_a_che
     """As Slurm signals every process of a job: the loader workers die of the SIGTERM too; the run still stops
     after a whole step with a checkpoint and exit 143, and the rerun resumes to the uninterrupted run's end."""
     _stop_midway_then_resume(tmp_path, reference[0], ["--workers", "1"], lambda p: os.killpg(p.pid, signal.SIGTERM))
+
+
+def test_stale_selection_losses_stop_and_resume_exactly(tmp_path, reference):
+    """--selection-losses stale feeds the tracker's recorded losses back into the ranking: the checkpoint's tracker
+    state (times_scored, last_loss) and the per-step tie order make the resumed run end as the uninterrupted one."""
+    _stop_midway_then_resume(tmp_path, reference[0], ["--selection-losses", "stale"],
+                             lambda p: p.send_signal(signal.SIGTERM))

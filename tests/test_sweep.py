@@ -147,20 +147,23 @@ def test_submitit_local_executor_runs_a_sweep(tmp_path, data_dir):
 # collect, from records whose values are known
 
 
-def _fake_run(root: Path, alg: str, te: int, h: int, t: int, accs, done=True):
+def _fake_run(root: Path, alg: str, te: int, h: int, t: int, accs, done=True, stale=False):
     """A finished (or unfinished) run folder of the embedded world (4 envs): one record per (val, test) pair."""
-    out = root / f"embedded_{alg}_te{te}_h{h}_t{t}"
+    out = root / (f"embedded_{alg}_te{te}_h{h}_t{t}" + ("_stale" if stale else ""))
     out.mkdir(parents=True)
     db = sweep.DOMAINBED_ALGORITHM_NAME[alg]
     for step, (val, test) in enumerate(accs):
         rec = {"step": step, "args": {"dataset": "EmbeddedWorld", "algorithm": db, "test_envs": [te],
-                                      "hparams_seed": h, "trial_seed": t}}
+                                      "hparams_seed": h, "trial_seed": t},
+               "scmd_args": {"selection_losses": "stale" if stale else "fresh"}}
         for e in range(4):
             rec[f"env{e}_out_acc"] = test + 0.01 if e == te else val  # oracle: test env out = test + 0.01
             rec[f"env{e}_in_acc"] = test if e == te else 0.0
         O.append_record(out / O.RESULTS, rec)
+    fp = {"selection_losses": "stale"} if stale else {}
     (out / sweep.SWEEP_FILE).write_text(json.dumps({"dataset": "embedded", "algorithm": alg, "test_env": te,
-                                                    "hparams_seed": h, "trial_seed": t, "out": str(out)}))
+                                                    "hparams_seed": h, "trial_seed": t, "out": str(out),
+                                                    "fingerprint": fp}))
     if done:
         (out / O.DONE).write_text("{}")
 
@@ -202,3 +205,17 @@ def test_collect_selects_like_domainbed_and_marks_incomplete_cells(tmp_path):
     md = sweep.format_tables(t_, "markdown")
     assert "| Algorithm | cartoon | painting | photo | sketch | Avg |" in md
     assert "\\pm" in sweep.format_tables(t_, "latex")
+
+
+def test_collect_gives_stale_selection_losses_a_row_of_their_own(tmp_path):
+    """Runs with --selection-losses stale are not the paper's SCMD: collect lists them as SCMD_stale, never averaged
+    into SCMD's cells."""
+    root = tmp_path / "sweep"
+    for te in range(4):
+        _fake_run(root, "scmd", te, 0, 0, [(0.6, 0.50)])
+        _fake_run(root, "scmd", te, 0, 0, [(0.6, 0.30)], stale=True)
+    rows = sweep.tables(root)["selection"]["training-domain validation"]["datasets"]["EmbeddedWorld"]["rows"]
+    assert list(rows) == ["SCMD", "SCMD_stale"]
+    assert [c["mean"] for c in rows["SCMD"]["envs"]] == pytest.approx([50.0] * 4)
+    assert [c["mean"] for c in rows["SCMD_stale"]["envs"]] == pytest.approx([30.0] * 4)
+    assert rows["SCMD_stale"]["complete"]
