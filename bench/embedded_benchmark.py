@@ -3,6 +3,7 @@ protocol of every dataset (5001 steps, evaluation every 300, selection cut-off 3
 
     python bench/embedded_benchmark.py --parallel 2 --threads 1     # 5 algorithms x 4 domains x 3 seeds
     python bench/embedded_benchmark.py --report                     # the table of the runs finished so far
+    python bench/embedded_benchmark.py --algorithms scmd scmd-stale # --selection-losses stale against the paper's
 
 Each run is `scmd_ref.py --dataset embedded --algorithm A --test-env E --seed S --trial-seed S --eval-splits
 selection` in its own folder under `<out>/<world version>_<settings>/`. scmd_ref.py reuses a finished folder only
@@ -34,9 +35,12 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
-ALGORITHMS = ["erm", "kd", "scmd-no-cm", "scmd-no-select", "scmd"]  # table order
-SCHEDULE = ["erm", "scmd", "scmd-no-select", "kd", "scmd-no-cm"]  # run order: the main comparison first
-CURVE_ALGORITHMS = ["erm", "scmd-no-select", "scmd"]
+ALGORITHMS = ["erm", "kd", "scmd-no-cm", "scmd-no-select", "scmd"]  # table order (the default set)
+# variants: a benchmark name -> (scmd_ref.py --algorithm, extra flags), and the algorithm they are paired with
+VARIANTS = {"scmd-stale": ("scmd", ["--selection-losses", "stale"], "scmd")}
+KNOWN = ALGORITHMS + list(VARIANTS)
+SCHEDULE = ["erm", "scmd", "scmd-stale", "scmd-no-select", "kd", "scmd-no-cm"]  # run order: main comparison first
+CURVE_ALGORITHMS = ["erm", "scmd-no-select", "scmd", "scmd-stale"]
 
 
 def run_dir(args, a, e, s) -> Path:
@@ -44,9 +48,10 @@ def run_dir(args, a, e, s) -> Path:
 
 
 def scmd_command(args, a, e, s) -> list:
-    cmd = [sys.executable, str(ROOT / "scmd_ref.py"), "--dataset", "embedded", "--algorithm", a, "--test-env",
+    algorithm, extra, _ = VARIANTS.get(a, (a, [], None))
+    cmd = [sys.executable, str(ROOT / "scmd_ref.py"), "--dataset", "embedded", "--algorithm", algorithm, "--test-env",
            str(e), "--seed", str(s), "--trial-seed", str(s), "--output-dir", str(run_dir(args, a, e, s)),
-           "--no-progress", "--data-dir", args.data_dir, "--eval-splits", args.eval_splits]
+           "--no-progress", "--data-dir", args.data_dir, "--eval-splits", args.eval_splits, *extra]
     if args.steps:
         cmd += ["--steps", str(args.steps)]
     return cmd
@@ -128,16 +133,22 @@ def report(args, envs, names, world_version) -> None:
             tail = ("-", "-")
         table[a] = row
         lines.append(f"{a:<15}" + "".join(f"{c:>15}" for c in cells) + f"{tail[0]:>15}{tail[1]:>15}")
-    lines += ["", "paired difference to ERM over (domain, seed), percentage points: mean ± s.e. (n pairs)"]
+    lines += ["", "paired difference to ERM (and of a variant to its algorithm) over (domain, seed), percentage "
+                  "points: mean ± s.e. (n pairs)"]
     paired = {}
     for a in args.algorithms:
-        pairs = [100 * (acc[a, e, s] - acc["erm", e, s]) for e in envs for s in args.seeds
-                 if a != "erm" and (a, e, s) in acc and ("erm", e, s) in acc]
-        if pairs:
-            m = float(np.mean(pairs))
-            se = float(np.std(pairs, ddof=1) / np.sqrt(len(pairs))) if len(pairs) > 1 else float("nan")
-            paired[a] = {"mean": m, "se": se, "n": len(pairs)}
-            lines.append(f"  {a:<15} {m:+6.2f} ± {se:.2f} ({len(pairs)})")
+        for base in (["erm", VARIANTS[a][2]] if a in VARIANTS else ["erm"]):
+            pairs = [100 * (acc[a, e, s] - acc[base, e, s]) for e in envs for s in args.seeds
+                     if a != base and (a, e, s) in acc and (base, e, s) in acc]
+            if pairs:
+                m = float(np.mean(pairs))
+                se = float(np.std(pairs, ddof=1) / np.sqrt(len(pairs))) if len(pairs) > 1 else float("nan")
+                paired[a if base == "erm" else f"{a} - {base}"] = {"mean": m, "se": se, "n": len(pairs)}
+                lines.append(f"  {a if base == 'erm' else f'{a} vs {base}':<15} {m:+6.2f} ± {se:.2f} ({len(pairs)})")
+    secs = {a: [train_seconds(runs[a, e, s][1]) for e in envs for s in args.seeds if (a, e, s) in runs]
+            for a in args.algorithms}
+    lines += ["", "training time per run (evaluation excluded), median over the finished runs, seconds"]
+    lines += [f"  {a:<15} {np.median(v):7.0f} ({len(v)})" for a, v in secs.items() if v]
     kept = kept_shares(runs, envs, names)
     if kept:
         lines += ["", "kept share of each source domain's rows while selecting (p = 0.2 if no domain is preferred), "
@@ -280,9 +291,9 @@ def main() -> None:
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "embedded"))
     p.add_argument("--report", action="store_true", help="only print and save the table of the finished runs")
     args = p.parse_args()
-    unknown = sorted(set(args.algorithms) - set(ALGORITHMS))
+    unknown = sorted(set(args.algorithms) - set(KNOWN))
     if unknown or args.parallel < 1 or args.threads < 1 or (args.steps is not None and args.steps < 1):
-        print(f"embedded_benchmark.py: error: unknown algorithms {unknown} (choose from {ALGORITHMS}), or "
+        print(f"embedded_benchmark.py: error: unknown algorithms {unknown} (choose from {KNOWN}), or "
               f"--parallel/--threads/--steps below 1", file=sys.stderr)
         raise SystemExit(2)
     sys.path.insert(0, str(ROOT))
