@@ -9,12 +9,12 @@ Run:
     python scmd_ref.py --dataset vlcs --test-env 2 --data-dir /data/domainbed
     python scmd_ref.py --dataset pacs --test-env 0 --algorithm scmd-no-cm       # an ablation (paper Table 3)
     python -m scmd.sweep launch --datasets pacs --n-hparams 5 --n-trials 3 --output-dir sweeps/pacs  # a sweep
+    torchrun --standalone --nproc_per_node 2 scmd_ref.py --dataset pacs --test-env 0   # one run on 2 GPUs
     python scmd_ref.py --dataset vlcs --download                   # fetch a dataset first (needs a network)
 
-The file reads top to bottom: settings, networks, the selection rule, the three loss terms, the SMA, one
-training step, evaluation, and the DomainBed protocol loop. Plumbing (dataset table, data layout, weights,
-outputs, checkpoints) lives in the small modules under scmd/. Ctrl-C or SIGTERM stops after the current step
-with a checkpoint; the same command resumes exactly.
+The file reads top to bottom: settings, networks, the selection rule, the three loss terms, the SMA, one training
+step, evaluation, and the DomainBed protocol loop. Plumbing (dataset table, data layout, weights, outputs,
+checkpoints, torchrun) lives in scmd/. Ctrl-C or SIGTERM stops after a step with a checkpoint; rerun to resume.
 
 Where the authors' code differs from the paper or is wasteful, the default reproduces the authors' code and a
 flag offers the corrected variant: --teacher-renorm (CLIP normalisation for the teacher), --selection-horizon
@@ -116,7 +116,7 @@ from scmd import models as M
 from scmd import outputs as O
 from scmd import run as R
 from scmd import settings as S
-from scmd.errors import UsageError
+from scmd.dist import DIST
 
 # =========================================================================================================
 # 1. Networks (spec 2)
@@ -313,25 +313,29 @@ class SCMDTrainer:
         self.amp, self.amp_dtype = device.type == "cuda", torch.float16  # mixed precision on CUDA
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
         self.sma = SMA(student)
+        self.sizes = ()  # rows of each domain in the step batch (set by build_models; read under torchrun only)
 
     def selecting(self, step: int) -> bool:
         return self.use_selection and step <= self.cutoff  # switch-off rule step <= int(horizon * (1 - k))
 
     def update(self, x, y, domains, ids, step):
-        n_seen = len(y)
-        selecting = self.selecting(step)
-        if selecting and self.stale:  # --- selection by each candidate's last recorded CE: no extra pass ----
-            keep = self.selector.stale_keep(domains, ids, step).to(x.device)
-        elif selecting:  # --- hard-sample selection: rank the whole concatenated batch ------------------------
-            keep = self.selector(self.per_sample_ce(x, y), domains, ids, step)
-        if selecting:
-            x, y = x[keep], y[keep]  # "the batch" is now the n = floor(N p) hardest samples
-        loss, loss_ce, loss_logits, loss_cm, z_s = self.losses(x, y)
+        """x, y, domains, ids: this process's rows of the step batch (all rows without torchrun)."""
+        n_seen, selecting, g = len(y), self.selecting(step), self.sizes  # g: each domain's rows in the step batch
+        if selecting:  # (torchrun: every rank ranks the whole step batch, so the kept ids are one process's)
+            domains, ids = DIST.gather_rows(domains, g), DIST.gather_rows(ids, g)
+            if self.stale:  # --- selection by each candidate's last recorded CE: no extra pass ---------------
+                keep = self.selector.stale_keep(domains, ids, step).to(x.device)
+            else:  # --- hard-sample selection: rank the whole concatenated batch ------------------------------
+                keep = self.selector(DIST.gather_rows(self.per_sample_ce(x, y), g), domains, ids, step)
+            mine = DIST.local_keep(keep, g)
+            x, y = x[mine], y[mine]  # "the batch" is now the n = floor(N p) hardest samples
+        share = DIST.share_of(len(y), len(keep) if selecting else sum(g))  # n_r / n (1 without torchrun)
+        loss, loss_ce, loss_logits, loss_cm, z_s = self.losses(x, y) if len(y) else [x.new_zeros(())] * 5
         if selecting and self.stale:  # the kept rows' CE before this update: what later steps rank them by
-            self.selector.observe(step, domains, ids, keep, F.cross_entropy(z_s.detach().float(), y, reduction="none"))
-        self.optimise(loss)
-        return {"loss": loss.detach(), "ce": loss_ce.detach(), "logits": loss_logits.detach(),
-                "cm": loss_cm.detach(), "n": torch.tensor(float(len(y))), "N": torch.tensor(float(n_seen))}
+            ce = F.cross_entropy(z_s.detach().float(), y, reduction="none") if len(y) else z_s.new_zeros(0)
+            self.selector.observe(step, domains, ids, keep, DIST.kept_in_order(ce, keep, g))
+        self.optimise(loss * share if DIST.on else loss)
+        return DIST.step_stats(share, (loss, loss_ce, loss_logits, loss_cm), len(y), n_seen)
 
     @torch.no_grad()
     def per_sample_ce(self, x, y):
@@ -361,7 +365,10 @@ class SCMDTrainer:
     def optimise(self, loss) -> None:
         """Adam step (loss scaling on CUDA), theta clamp, SMA update."""
         self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
+        scaled = self.scaler.scale(loss)
+        if scaled.requires_grad:  # (a torchrun rank without kept rows has no graph: its gradient is 0)
+            scaled.backward()
+        DIST.sum_gradients([p for grp in self.optimizer.param_groups for p in grp["params"]])  # torchrun only
         self.scaler.step(self.optimizer)
         self.scaler.update()
         if self.use_cm:
@@ -385,7 +392,8 @@ def accuracy(net, loader, device) -> float:
         correct += (net(x).argmax(1) == y).sum().item()
         total += len(y)
     net.train()
-    return correct / max(total, 1)
+    correct, total = DIST.sum(torch.tensor([correct, total], dtype=torch.float64, device=device)).tolist()
+    return correct / max(total, 1)  # (torchrun: each rank evaluates its share of the batches)
 
 
 # =========================================================================================================
@@ -401,10 +409,9 @@ def main(argv=None) -> int:
                         f"_s{s.seed}_{O.fingerprint_hash(fingerprint)}")
     out = Path(s.output_dir)
     O.prepare_output_dir(out)
-    with O.run_lock(out), R.StopSignals() as stop:  # one run per folder; SIGTERM/SIGINT stop after a step
+    with R.run_lock(out), R.StopSignals() as stop:  # one run per folder; SIGTERM/SIGINT stop after a step
         if R.finished(out, fingerprint, s.resume):
             return 0
-        O.remove_stale_temps(out)
         return train(s, hparams, fingerprint, out, stop)
 
 
@@ -413,10 +420,7 @@ def build_models(s, hparams, index, device):
     student = Student(M.student_backbone(s.student, s.student_weights), len(index.classes), hparams["resnet_dropout"])
     student.to(device)
     use_selection, use_logits, use_cm = ALGORITHMS[s.algorithm]
-    clip = M.load_clip(s.teacher, s.teacher_weights, torch.device("cpu"))  # text features once, on the CPU
-    if M.image_size_of(clip) != s.image_size:
-        raise UsageError(f"teacher {s.teacher} expects {M.image_size_of(clip)}px images, the student gets "
-                         f"{s.image_size}px; SCMD feeds both the same tensor")
+    clip = M.load_clip(s.teacher, s.teacher_weights, torch.device("cpu"), s.image_size)  # text features: on the CPU
     teacher = None
     if use_logits or use_cm:
         tokens = M.tokenize(s.teacher, M.class_prompts(s.prompt, index.classes))
@@ -424,11 +428,13 @@ def build_models(s, hparams, index, device):
     clip.to(device)
     tracker = R.make_tracker(s, index) if use_selection else None
     selector = Selector(s.selector, s.select_per_domain, hparams["worst_case_p"], tracker, s.seed)
-    return SCMDTrainer(s, hparams, student, teacher, selector, device), clip, tracker
+    trainer = SCMDTrainer(s, hparams, student, teacher, selector, device)
+    trainer.sizes = [hparams["batch_size"]] * (len(index.envs) - 1)
+    return trainer, clip, tracker
 
 
 def train(s, hparams, fingerprint, out, stop) -> int:
-    device = R.device_for(s.device)
+    device = DIST.start(R.device_for(s.device))  # torchrun: this rank's GPU (nccl) or the CPU (gloo)
     random.seed(s.seed)  # seeding as DomainBed's train script
     np.random.seed(s.seed)
     torch.manual_seed(s.seed)
@@ -440,9 +446,9 @@ def train(s, hparams, fingerprint, out, stop) -> int:
 
     # --- resume ------------------------------------------------------------------------------------------
     ckpt, start_step, records, window = R.restore(out, s.resume, fingerprint, trainer, tracker)
-    print(f"[scmd] {s.algorithm} on {s.dataset} ({data.index.root}); held out: {data.index.envs[s.test_env]}; "
-          f"device {device}; selector {s.selector}\n[scmd] hparams: "
-          + ", ".join(f"{k}={v}" for k, v in hparams.items()), file=sys.stderr)
+    R.say(f"[scmd] {s.algorithm} on {s.dataset} ({data.index.root}); held out: {data.index.envs[s.test_env]}; "
+          f"device {device}; selector {s.selector}; {DIST.world} process(es)\n[scmd] hparams: "
+          + ", ".join(f"{k}={v}" for k, v in hparams.items()))
     teacher_acc = ckpt["teacher_zero_shot"] if ckpt else R.teacher_zero_shot(s, clip, data, ZERO_SHOT_PROMPT,
                                                                              device)  # Table 1's teacher row
 
@@ -451,7 +457,7 @@ def train(s, hparams, fingerprint, out, stop) -> int:
     window = window or R.new_window()
     stats = R.Stats(s, start_step)
     for step in range(start_step, s.steps):
-        if stop.requested:  # finish where the last step ended: checkpoint, one line, resume exactly later
+        if DIST.any(stop.requested):  # finish where the last step ended: checkpoint, one line, resume exactly later
             return R.stopped(out, step - 1, trainer, tracker, window, fingerprint, teacher_acc, stats, stop)
         try:
             batches = [next(it) for it in iters]
@@ -476,20 +482,17 @@ def train(s, hparams, fingerprint, out, stop) -> int:
             scale = float(trainer.theta.detach().exp()) if trainer.use_cm else None
             rec.update(R.record_tail(s, hparams, trainer.selecting(step), scale))
             records.append(rec)
-            O.append_record(out / O.RESULTS, rec)
+            sel = R.add_record(out, records, rec, s, data, step, trainer.sma.net, fingerprint)  # + best SMA weights
             window = R.new_window()
-            sel = O.training_domain_selection(records, s.test_env, data.n_envs)
-            if sel["record"] is rec:  # best so far by training-domain validation
-                O.atomic_torch_save({"step": step, "sma": trainer.sma.net.state_dict(), "record": rec,
-                                     "fingerprint": fingerprint}, out / O.CKPT_BEST)
             stats.write(f"step {step}: train-domain val {100 * sel['val_acc']:.1f}% (best), "
                         f"test-domain {100 * rec[f'env{s.test_env}_in_acc']:.1f}%")
         if save_now:
             R.save_last(out, step, trainer, tracker, window, fingerprint, teacher_acc)
             stats.restart_clock()
     stats.close()
-    print(R.write_report(out, s, hparams, data, records, teacher_acc, tracker, fingerprint))
-    print(f"[scmd] results in {out}")
+    if DIST.main:
+        print(R.write_report(out, s, hparams, data, records, teacher_acc, tracker, fingerprint))
+        print(f"[scmd] results in {out}")
     return 0
 
 

@@ -214,9 +214,10 @@ class StepBatches(torch.utils.data.Dataset):
     """Item `step` is that step's minibatch of one training env: `batch_size` samples drawn uniformly with
     replacement from the env's in-split, each augmented with its own seed. Returns (x, y, sample_ids)."""
 
-    def __init__(self, store: ImageStore, env: int, in_idx: np.ndarray, batch_size: int, seed: int, size: int):
+    def __init__(self, store: ImageStore, env: int, in_idx: np.ndarray, batch_size: int, seed: int, size: int,
+                 rows: slice = slice(None)):
         self.store, self.env, self.in_idx, self.batch_size, self.seed = store, env, in_idx, batch_size, seed
-        self.size = size
+        self.size, self.rows = size, rows  # rows: this process's share of the batch (torchrun), drawn as one
         self.tf = train_transform(size)
 
     def __len__(self) -> int:  # only a sampler bound; the loader asks for steps, not positions
@@ -228,12 +229,15 @@ class StepBatches(torch.utils.data.Dataset):
         if self.store.tensors is not None:  # the whole batch at once, one parameter draw per sample
             imgs = self.store.tensors[self.env][torch.from_numpy(rows)]
             params = augment.draw_params(rng, len(rows), imgs.shape[2], imgs.shape[3])
+            if self.rows != slice(None):
+                imgs, params = imgs[self.rows], augment.Params(*(v[self.rows] for v in vars(params).values()))
             x = augment.apply(imgs, params, self.size, IMAGENET_MEAN, IMAGENET_STD)
         else:
-            aug_seeds = rng.integers(0, 2**62, self.batch_size)
+            aug_seeds = rng.integers(0, 2**62, self.batch_size)[self.rows]
             with _OwnRng() as r:
                 x = torch.stack([r.augment(self.tf, self.store.get(self.env, int(i)), int(s))
                                  for i, s in zip(rows, aug_seeds)])
+        rows = rows[self.rows]
         y = torch.from_numpy(self.store.index.labels[self.env][rows])
         ids = torch.from_numpy(rows + self.store.index.offsets[self.env])
         return x, y, ids
@@ -302,16 +306,18 @@ class EvalSplit(torch.utils.data.Dataset):
 
 
 class _EvalKeys(torch.utils.data.Sampler):
-    def __init__(self, n: int, batch: int):
-        self.n, self.batch, self.eval_step = n, batch, 0
+    """The split's batches; under torchrun rank r takes batches r, r + W, ... (shard = (r, W))."""
+
+    def __init__(self, n: int, batch: int, shard=(0, 1)):
+        self.n, self.batch, self.eval_step, self.shard = n, batch, 0, shard
 
     def __len__(self) -> int:
-        return (self.n + self.batch - 1) // self.batch
+        return len(range(self.shard[0], (self.n + self.batch - 1) // self.batch, self.shard[1]))
 
     def __iter__(self):
-        for s in range(0, self.n, self.batch):
+        for s in range(self.shard[0] * self.batch, self.n, self.batch * self.shard[1]):
             yield [(self.eval_step, p) for p in range(s, min(s + self.batch, self.n))]
 
 
-def eval_loader(split: EvalSplit, batch: int, workers: int) -> torch.utils.data.DataLoader:
-    return torch.utils.data.DataLoader(split, batch_sampler=_EvalKeys(len(split), batch), num_workers=workers)
+def eval_loader(split: EvalSplit, batch: int, workers: int, shard=(0, 1)) -> torch.utils.data.DataLoader:
+    return torch.utils.data.DataLoader(split, batch_sampler=_EvalKeys(len(split), batch, shard), num_workers=workers)

@@ -89,10 +89,11 @@ def load_state_dict_file(module: nn.Module, path: str, what: str) -> None:
     module.load_state_dict(sd)
 
 
-def load_clip(name: str, pretrained: str, device: torch.device) -> nn.Module:
+def load_clip(name: str, pretrained: str, device: torch.device, image_size: int = 0) -> nn.Module:
     """The frozen open_clip teacher: a model name with an open_clip pretrained tag, a local weights file, or
     none (random; timing and tests only). A tag that is not in the local cache fails at once when the hub
-    cannot be reached (instead of a minute of retries)."""
+    cannot be reached (instead of a minute of retries). image_size: the student's input size, which the
+    teacher must share (SCMD feeds both the same tensor)."""
     import open_clip
 
     world.register_teacher_config()  # the embedded world's tiny CLIP is an open_clip model name like any other
@@ -114,6 +115,9 @@ def load_clip(name: str, pretrained: str, device: torch.device) -> nn.Module:
     except Exception as e:  # noqa: BLE001 - unknown model names, missing downloads, ...
         raise DataError(f"cannot build teacher {name} with weights {pretrained!r} ({type(e).__name__}: "
                         f"{first_line(e)}); offline, pass --teacher-weights FILE (an open_clip state_dict)") from None
+    if image_size and image_size_of(clip) != image_size:
+        raise UsageError(f"teacher {name} expects {image_size_of(clip)}px images, the student gets {image_size}px; "
+                         f"SCMD feeds both the same tensor")
     return clip.to(device).eval().requires_grad_(False)
 
 

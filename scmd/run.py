@@ -3,6 +3,7 @@ resume state, DomainBed records, the progress bar, stop signals and the final re
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import signal
@@ -19,9 +20,27 @@ from scmd import data as D
 from scmd import models as M
 from scmd import outputs as O
 from scmd.datasets import DATASETS
+from scmd.dist import DIST
 from scmd.errors import DataError, RunFault, ScmdError, UsageError, one_line
 from scmd.hparams import seed_hash
 from scmd.settings import DOMAINBED_ALGORITHM_NAME
+
+
+def say(line: str) -> None:
+    """A progress line on stderr (rank 0 only under torchrun)."""
+    if DIST.main:
+        print(line, file=sys.stderr)
+
+
+@contextlib.contextmanager
+def run_lock(out: Path):
+    """One run per folder (held by rank 0 under torchrun); temp files of a killed run are removed under it."""
+    if not DIST.main:
+        yield
+        return
+    with O.run_lock(out):
+        O.remove_stale_temps(out)
+        yield
 
 
 def device_for(name: str) -> torch.device:
@@ -95,7 +114,7 @@ def load_data(s, out: Path, image_size: int) -> SimpleNamespace:
             augmented = e != s.test_env  # DomainBed quirk: training envs are validated on augmented images
             tf = D.train_transform(image_size) if augmented else D.eval_transform(image_size)
             split = D.EvalSplit(store, e, idx, tf, augmented, s.seed, f"env{e}_{name}", image_size)
-            eval_loaders.append((f"env{e}_{name}", D.eval_loader(split, 64, s.workers)))
+            eval_loaders.append((f"env{e}_{name}", D.eval_loader(split, 64, s.workers, (DIST.rank, DIST.world))))
     train_envs = [e for e in range(n_envs) if e != s.test_env]
     return SimpleNamespace(index=index, store=store, splits=splits, eval_loaders=eval_loaders, train_envs=train_envs,
                            n_envs=n_envs, truncated_log=truncated_log)
@@ -103,7 +122,8 @@ def load_data(s, out: Path, image_size: int) -> SimpleNamespace:
 
 def train_loaders(s, data, batch_size: int, image_size: int, start_step: int, device) -> list:
     """One step-indexed loader per training env: the minibatch of step t is a function of (seed, env, t)."""
-    return [iter(D.train_loader(D.StepBatches(data.store, e, data.splits[e][1], batch_size, s.seed, image_size),
+    return [iter(D.train_loader(D.StepBatches(data.store, e, data.splits[e][1], batch_size, s.seed, image_size,
+                                              DIST.share(batch_size)),
                                 start_step, s.workers, pin_memory=device.type == "cuda")) for e in data.train_envs]
 
 
@@ -156,8 +176,8 @@ def finished(out: Path, fingerprint: dict, resume: str) -> bool:
     """A finished folder is reused only when its done marker records these settings."""
     if (out / O.DONE).exists() and resume != "no":
         O.check_finished_run(out, fingerprint)
-        print(f"[scmd] {out} holds a finished run with these settings; pass --resume no or another "
-              f"--output-dir to run again", file=sys.stderr)
+        say(f"[scmd] {out} holds a finished run with these settings; pass --resume no or another "
+            f"--output-dir to run again")
         return True
     return False
 
@@ -169,7 +189,8 @@ def restore(out: Path, resume: str, fingerprint: dict, trainer, tracker):
         raise UsageError(f"--resume yes: no checkpoint in {out}")
     if ckpt is None:  # a run without a checkpoint (or --resume no) starts afresh: nothing of an older run stays
         for name in (O.DONE, O.RESULTS, O.TRUNCATED, "summary.json", "hardness.json", "kept_share.png", O.CKPT_BEST):
-            (out / name).unlink(missing_ok=True)
+            if DIST.main:
+                (out / name).unlink(missing_ok=True)
         return None, 0, [], None
     if ckpt["fingerprint"] != fingerprint:
         diff = sorted(k for k in set(fingerprint) | set(ckpt["fingerprint"])
@@ -181,15 +202,28 @@ def restore(out: Path, resume: str, fingerprint: dict, trainer, tracker):
         tracker.load_state_dict({k: (v.numpy() if torch.is_tensor(v) else v) for k, v in ckpt["tracker"].items()})
     O.set_rng_state(ckpt["rng"])
     records = [r for r in O.read_records(out / O.RESULTS) if r["step"] <= ckpt["step"]]
-    O.rewrite_records(out / O.RESULTS, records)
-    print(f"[scmd] resuming {out} at step {ckpt['step'] + 1} ({len(records)} records kept)", file=sys.stderr)
+    if DIST.main:
+        O.rewrite_records(out / O.RESULTS, records)
+    say(f"[scmd] resuming {out} at step {ckpt['step'] + 1} ({len(records)} records kept)")
     return ckpt, ckpt["step"] + 1, records, ckpt["window"]
 
 
 def save_last(out: Path, step: int, trainer, tracker, window: dict, fingerprint: dict, teacher_acc) -> None:
-    O.atomic_torch_save({"step": step, "trainer": trainer_state(trainer), "rng": O.rng_state(),
-                         "tracker": tracker_state(tracker), "window": window, "fingerprint": fingerprint,
-                         "teacher_zero_shot": teacher_acc}, out / O.CKPT_LAST)
+    if DIST.main:
+            O.atomic_torch_save({"step": step, "trainer": trainer_state(trainer), "rng": O.rng_state(),
+                             "tracker": tracker_state(tracker), "window": window, "fingerprint": fingerprint,
+                             "teacher_zero_shot": teacher_acc}, out / O.CKPT_LAST)
+
+
+def add_record(out: Path, records: list, rec: dict, s, data, step: int, sma_net, fingerprint: dict) -> dict:
+    """Appends an evaluation record; keeps the SMA weights of the best one by training-domain validation."""
+    sel = O.training_domain_selection(records, s.test_env, data.n_envs)
+    if DIST.main:
+        O.append_record(out / O.RESULTS, rec)
+        if sel["record"] is rec:
+            O.atomic_torch_save({"step": step, "sma": sma_net.state_dict(), "record": rec, "fingerprint": fingerprint},
+                                out / O.CKPT_BEST)
+    return sel
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -257,7 +291,7 @@ class Stats:
     def __init__(self, s, start_step: int):
         self.pending, self.t_mark = [], time.time()
         self.pbar = None
-        if not s.no_progress:
+        if not s.no_progress and DIST.main:
             from tqdm import tqdm
 
             self.pbar = tqdm(total=s.steps, initial=start_step, desc=f"{s.algorithm} te{s.test_env}",
@@ -373,8 +407,9 @@ def stopped(out: Path, step: int, trainer, tracker, window, fingerprint, teacher
     if step >= 0:
         save_last(out, step, trainer, tracker, window, fingerprint, teacher_acc)
     where = f"after step {step}; checkpoint in {out}" if step >= 0 else "before the first step"
-    print(f"scmd_ref.py: stopped by {stop.name()} {where}; rerun the same command to resume", file=sys.stderr)
-    return stop.exit_code()
+    if stop.requested:  # (torchrun: the ranks that got no signal stop with the one that did)
+        say(f"scmd_ref.py: stopped by {stop.name()} {where}; rerun the same command to resume")
+    return stop.exit_code() if stop.requested else 128 + signal.SIGTERM
 
 
 def cli(main, argv=None) -> int:
