@@ -16,6 +16,8 @@
 #   GPU:          the embedded world end to end on CUDA (fp16 autocast + GradScaler), without and with
 #                 --teacher-renorm; a SIGTERM-and-resume on CUDA against an uninterrupted CUDA run (max weight
 #                 difference); bench/device_agreement.py (kept sample ids of the first steps, CUDA vs CPU)
+#   >= 2 GPUs:    one run of 60 steps (ResNet-50 student, random ViT-B-32 teacher, 224 px, the embedded world) on
+#                 1 GPU and with torchrun on 2 GPUs; their records' step_time (the mean time per training step)
 #   GPU, last:    step_breakdown --scale full --device cuda --configs scmd,scmd+compile     (torch.compile)
 # The whole script keeps to GPU_CHECK_BUDGET seconds (default 450): each part's limit is capped by what is left.
 # No GPU: says so and runs the CPU parts only.
@@ -169,6 +171,22 @@ if [ "$GPU" = 1 ]; then  # the run itself on CUDA: end to end, --teacher-renorm,
   part cuda_resume 240 bash bench/cuda_resume_check.sh "$PYTHON" "$DATA_DIR" "$OUTDIR"
   part device_agreement 120 "$PYTHON" bench/device_agreement.py --device cuda --steps 20 --data-dir "$DATA_DIR" \
     --out "$OUTDIR/device_agreement.json"
+  NGPU=$("$PYTHON" -c 'import torch; print(torch.cuda.device_count())')
+  if [ "$NGPU" -ge 2 ]; then  # one run on 1 GPU, then on 2 with torchrun: the step time of each
+    FULL=(scmd_ref.py --device cuda --data-dir "$DATA_DIR" --world-per-class 40 --no-progress --steps 60
+          --checkpoint-freq 59 --student resnet50 --student-weights none --teacher ViT-B-32-quickgelu
+          --teacher-weights none --image-size 224)
+    part step_1gpu 150 "$PYTHON" "${FULL[@]}" --output-dir "$OUTDIR/step_1gpu"
+    part step_2gpu 150 "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node 2 "${FULL[@]}" \
+      --output-dir "$OUTDIR/step_2gpu"
+    for n in 1 2; do
+      rec="$OUTDIR/step_${n}gpu/results.jsonl"
+      [ -f "$rec" ] && say "step time on $n GPU(s): $("$PYTHON" -c "import json, sys
+print('%.1f ms' % (1000 * json.loads(open(sys.argv[1]).read().splitlines()[-1])['step_time']))" "$rec")"
+    done
+  else
+    say "skip  step_1gpu/step_2gpu: $NGPU GPU on this node (the torchrun step time needs 2)"
+  fi
 fi
 
 # CPU_THREADS: torch threads of the CPU breakdown (default: 1 on machines with < 4 CPUs, which are usually shared

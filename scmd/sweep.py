@@ -57,6 +57,7 @@ class Run:
     out: str
     argv: List[str]  # scmd_ref.py's arguments
     fingerprint: dict
+    gpus: int = 1  # > 1: one run on that many GPUs, started with torchrun (one process per GPU)
 
     @property
     def name(self) -> str:
@@ -93,12 +94,15 @@ def plan(a) -> List[Run]:
             s, hp = S.resolve(S.parse(scmd_ref.Settings, argv, scmd_ref.__doc__), scmd_ref.ALGORITHMS)
             fp = S.fingerprint(s, hp)
             out = Path(a.output_dir) / f"{ds}_{alg}_te{te}_h{h}_t{t}_s{seed}_{O.fingerprint_hash(fp)}"
-            runs.append(Run(ds, alg, te, h, t, seed, str(out), [*argv, "--output-dir", str(out)], fp))
+            runs.append(Run(ds, alg, te, h, t, seed, str(out), [*argv, "--output-dir", str(out)], fp,
+                            getattr(a, "gpus_per_run", 1)))
     return runs
 
 
 def command(run: Run) -> List[str]:
-    return [sys.executable, str(ROOT / "scmd_ref.py"), *run.argv]
+    launcher = [sys.executable] if run.gpus == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                                       "--nproc_per_node", str(run.gpus)]  # torchrun
+    return [*launcher, str(ROOT / "scmd_ref.py"), *run.argv]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -194,7 +198,8 @@ def stop_children(timeout: float = 300) -> None:
 
 
 def launch_local(runs: List[Run], jobs: int, threads: int, gpus: Optional[List[str]] = None) -> Dict[str, int]:
-    """`jobs` runs at once (local), or one run per GPU at a time (multi_gpu: CUDA_VISIBLE_DEVICES per run)."""
+    """`jobs` runs at once (local), or one run per GPU (or per group of --gpus-per-run GPUs) at a time (multi_gpu:
+    CUDA_VISIBLE_DEVICES per run)."""
     import queue
 
     slots: queue.Queue[Optional[str]] = queue.Queue()
@@ -264,7 +269,7 @@ def launch_slurm(runs: List[Run], a) -> list:
     params = {"timeout_min": a.slurm_time, "cpus_per_task": a.slurm_cpus_per_run, "slurm_array_parallelism":
               a.slurm_max_parallel, "name": "scmd"}
     if a.submitit_cluster != "local":
-        params.update(slurm_partition=a.slurm_partition, gpus_per_node=a.slurm_gpus_per_run)
+        params.update(slurm_partition=a.slurm_partition, gpus_per_node=a.slurm_gpus_per_run or a.gpus_per_run)
         extra = dict(kv.split("=", 1) for kv in a.slurm_param)
         if extra:
             params["slurm_additional_parameters"] = extra
@@ -312,6 +317,10 @@ def launch(a) -> int:
             gpus = [str(i) for i in range(torch.cuda.device_count())]
         if not gpus:
             raise UsageError("--launcher multi_gpu: no GPU is visible here; use --launcher local")
+        g = a.gpus_per_run
+        if len(gpus) < g:
+            raise UsageError(f"--gpus-per-run {g}: only {len(gpus)} GPU(s) visible here")
+        gpus = [",".join(gpus[i:i + g]) for i in range(0, len(gpus) - g + 1, g)]  # one group per run at a time
     results = launch_local(todo, a.jobs, a.threads, gpus)
     failed = sorted(n for n, c in results.items() if c != 0)
     if failed:
@@ -572,7 +581,10 @@ def parse(argv: Optional[Sequence[str]]):
     la.add_argument("--slurm-partition", default=None)
     la.add_argument("--slurm-time", type=int, default=24 * 60, help="minutes per job before Slurm stops it (the "
                                                                     "run is requeued and resumes)")
-    la.add_argument("--slurm-gpus-per-run", type=int, default=1)
+    la.add_argument("--gpus-per-run", type=int, default=1, help="multi_gpu, slurm: GPUs of one run; > 1 starts it "
+                                                                "with torchrun, one process per GPU")
+    la.add_argument("--slurm-gpus-per-run", type=int, default=None, help="GPUs a Slurm job asks for (default: "
+                                                                         "--gpus-per-run)")
     la.add_argument("--slurm-cpus-per-run", type=int, default=8)
     la.add_argument("--slurm-max-parallel", type=int, default=64, help="array jobs at once")
     la.add_argument("--slurm-param", action="append", default=[], metavar="K=V", help="extra sbatch parameter")
@@ -587,8 +599,11 @@ def parse(argv: Optional[Sequence[str]]):
     a = p.parse_args(argv)
     a.extra = extra
     if a.cmd == "launch":
-        if a.jobs < 1 or a.threads < 1:
-            raise UsageError(f"--jobs and --threads must be >= 1, got {a.jobs} and {a.threads}")
+        if a.jobs < 1 or a.threads < 1 or a.gpus_per_run < 1:
+            raise UsageError(f"--jobs, --threads and --gpus-per-run must be >= 1, got {a.jobs}, {a.threads} and "
+                             f"{a.gpus_per_run}")
+        if a.gpus_per_run > 1 and a.launcher == "local":
+            raise UsageError("--gpus-per-run needs --launcher multi_gpu or slurm (--launcher local runs use no GPU)")
         bad = [kv for kv in a.slurm_param if "=" not in kv]
         if bad:
             raise UsageError(f"--slurm-param takes K=V, got {bad[0]!r}")

@@ -37,6 +37,15 @@ def test_grid_and_seeds_are_domainbeds(tmp_path):
     assert r.seed == seed_hash("VLCS", "SCMD", [2], 0, 0) == 1719258486  # DomainBed's sweep seed of that run
     assert len({r.out for r in runs}) == len(runs)
     assert all(f"--seed {x.seed} " in " ".join(x.argv) + " " for x in runs)
+    assert sweep.command(r)[1] == str(sweep.ROOT / "scmd_ref.py")  # one process per run by default
+
+
+def test_gpus_per_run_starts_each_run_with_torchrun(tmp_path, capsys):
+    a = sweep.parse(["launch", "--algorithms", "scmd", "--test-envs", "0", "--n-hparams", "1", "--n-trials", "1",
+                     "--launcher", "multi_gpu", "--gpus-per-run", "2", "--output-dir", str(tmp_path), "--dry-run"])
+    assert sweep.launch(a) == 0
+    cmd = capsys.readouterr().out.strip().splitlines()[-1]
+    assert "-m torch.distributed.run --standalone --nproc_per_node 2" in cmd and "scmd_ref.py --dataset embedded" in cmd
 
 
 @pytest.mark.parametrize("argv,fragment", [
@@ -47,6 +56,10 @@ def test_grid_and_seeds_are_domainbeds(tmp_path):
     (["launch", "--jobs", "0", "--output-dir", "x"], "--jobs"),
     (["launch", "--launcher", "slurm", "--output-dir", "x"], "--slurm-partition"),
     (["launch", "--slurm-param", "mem", "--output-dir", "x"], "K=V"),
+    (["launch", "--gpus-per-run", "2", "--output-dir", "x"], "--gpus-per-run needs --launcher multi_gpu or slurm"),
+    (["launch", "--gpus-per-run", "0", "--launcher", "multi_gpu", "--output-dir", "x"], "--gpus-per-run"),
+    (["launch", "--algorithms", "erm", "--output-dir", "x", "--", "--selection-losses", "stale"],
+     "--selection-losses stale needs an algorithm with selection"),
     (["status", "--output-dir", "/nonexistent/sweep"], "not a folder"),
     (["collect"], "required"),
 ])
