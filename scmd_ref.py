@@ -220,7 +220,7 @@ class Selector:
 
     def __call__(self, losses: torch.Tensor, domains: torch.Tensor, ids: torch.Tensor, step: int) -> torch.Tensor:
         """Fresh: losses are the N per-sample CEs (on the device); domains, ids: the rows' domain and sample ids."""
-        host = losses.detach().float().cpu().numpy()  # one device->host copy of N floats
+        host = losses.detach().float().cpu().numpy() if self.fastsel or self.tracker else None  # one N-float copy
         keep = self.rank(losses, host, domains).to(losses.device)
         if self.tracker is not None:  # observational bookkeeping only
             self.tracker.record(step, ids.numpy(), domains.numpy(), host, keep.cpu().numpy())

@@ -126,6 +126,9 @@ class Dist:
     def step_stats(self, share: float, losses, n: int, n_seen: int) -> dict:
         """The step's loss terms (weighted by the share, summed over the ranks: the single-process means) and its
         counts of trained and seen rows."""
+        if not self.on:  # one process: the values as they are, the counts on the CPU (no transfer per step)
+            return {"loss": losses[0].detach(), "ce": losses[1].detach(), "logits": losses[2].detach(),
+                    "cm": losses[3].detach(), "n": torch.tensor(float(n)), "N": torch.tensor(float(n_seen))}
         dev = losses[0].device
         v = torch.stack([t.detach().float() * share for t in losses]
                         + [torch.tensor(float(n), device=dev), torch.tensor(float(n_seen), device=dev)])
