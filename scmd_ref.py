@@ -349,8 +349,7 @@ class SCMDTrainer:
             z_s = self.student.classifier(f)
             loss_ce = F.cross_entropy(z_s, y)  # L_CE
             loss = loss_ce
-            zero = torch.zeros((), device=x.device)
-            loss_logits, loss_cm = zero, zero
+            loss_logits = loss_cm = torch.zeros((), device=x.device)  # (terms that are off)
             if self.use_logits or self.use_cm:
                 q = F.softmax(self.teacher(x) / self.T, dim=1).detach()  # teacher soft targets q = softmax(z_t/T)
             if self.use_logits:
@@ -453,7 +452,8 @@ def train(s, hparams, fingerprint, out, stop) -> int:
                                                                              device)  # Table 1's teacher row
 
     # --- training loop: one minibatch per training domain, concatenated in env order ----------------
-    iters = R.train_loaders(s, data, hparams["batch_size"], s.image_size, start_step, device)
+    kept_only = trainer.cutoff if trainer.stale else -1  # stale selection: only the kept rows get augmented
+    iters = R.train_loaders(s, data, hparams["batch_size"], s.image_size, start_step, device, kept_only)
     window = window or R.new_window()
     stats = R.Stats(s, start_step)
     for step in range(start_step, s.steps):
@@ -465,7 +465,7 @@ def train(s, hparams, fingerprint, out, stop) -> int:
             if stop.requested:  # the signal also reached the loader workers
                 return R.stopped(out, step - 1, trainer, tracker, window, fingerprint, teacher_acc, stats, stop)
             raise
-        x = torch.cat([b[0].to(device, non_blocking=True) for b in batches])  # pinned -> async copies on CUDA
+        x = D.cat_images([b[0] for b in batches], device)  # pinned -> async copies on CUDA
         y = torch.cat([b[1].to(device, non_blocking=True) for b in batches])
         ids = torch.cat([b[2] for b in batches])
         domains = torch.cat([torch.full((len(b[1]),), e, dtype=torch.int64) for e, b in zip(data.train_envs, batches)])

@@ -5,6 +5,7 @@ loader or the model bounds a training step.
     python bench/data_loading.py                              # embedded world (generated into ./data if missing)
     python bench/data_loading.py --workers 0 1 2 4 8 --steps 50
     python bench/data_loading.py --step-json bench/results/step_breakdown_tiny_cpu.json
+    python bench/data_loading.py --workers 0 --kept-share 0.2    # a stale selecting step: pixels of kept rows only
     python bench/data_loading.py --dataset-root /data/domainbed/PACS --image-size 224 \\
         --step-json bench/results/step_breakdown_full_cuda.json    # a real DomainBed dataset, read from disk
 
@@ -13,6 +14,10 @@ A step needs one batch from each training domain. With 0 workers the main proces
 model)) as long as the workers have CPU cores of their own. The verdict compares the loader's images/s with the
 model's (N / median step time of one configuration of a step_breakdown JSON). On a CPU-only machine the workers
 and the model share the cores, so the overlap there is optimistic.
+
+--kept-share p times what a selecting step of `--selection-losses stale` loads from an in-memory dataset: the
+candidates are drawn as always, but only floor(N p) rows of them (a random choice here; the kept ones in a run)
+are augmented (scmd.data.LazyImages).
 """
 
 from __future__ import annotations
@@ -55,6 +60,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=20, help="timed steps per worker count")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (worker start-up)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--kept-share", type=float, default=None,
+                   help="augment only floor(N p) rows of each step batch, as stale selection does (in memory only)")
     p.add_argument("--step-json", default=None, help="a step_breakdown JSON to compare with")
     p.add_argument("--config", default="scmd", help="configuration of --step-json to compare with (default scmd)")
     p.add_argument("--out", default=None, help="JSON path (default bench/results/data_loading_<dataset>.json)")
@@ -70,18 +77,24 @@ def default_workers() -> list:
     return ws
 
 
-def time_loader(store, index, splits, train_envs, batch, seed, size, workers, steps, warmup) -> dict:
-    """Steps per second of [next(it) for it in loaders] + the loop's concatenation."""
+def time_loader(store, index, splits, train_envs, batch, seed, size, workers, steps, warmup,
+                kept_share=None) -> dict:
+    """Steps per second of [next(it) for it in loaders] + the loop's concatenation (+ taking the kept rows)."""
     t_start = time.perf_counter()
-    loaders = [D.train_loader(D.StepBatches(store, e, splits[e][1], batch, seed, size), 0, workers)
-               for e in train_envs]
+    lazy_until = 2**62 if kept_share is not None else -1
+    loaders = [D.train_loader(D.StepBatches(store, e, splits[e][1], batch, seed, size, lazy_until=lazy_until), 0,
+                              workers) for e in train_envs]
     iters = [iter(ld) for ld in loaders]
     times = []
     first = None
+    rng = np.random.default_rng(seed)
+    n = len(train_envs) * batch
     for i in range(warmup + steps):
+        kept = torch.from_numpy(rng.permutation(n)[: int(n * kept_share)]) if kept_share is not None else None
         t = time.perf_counter()
         batches = [next(it) for it in iters]
-        x = torch.cat([b[0] for b in batches])
+        x = D.cat_images([b[0] for b in batches], torch.device("cpu"))
+        x = x[kept] if kept is not None else x
         torch.cat([b[1] for b in batches])
         torch.cat([b[2] for b in batches])
         dt = time.perf_counter() - t
@@ -92,7 +105,7 @@ def time_loader(store, index, splits, train_envs, batch, seed, size, workers, st
     del iters, loaders
     gc.collect()
     a = np.asarray(times)
-    n_img = len(train_envs) * batch
+    n_img = len(x)
     total = float(a.sum())
     return {"workers": workers, "steps": steps, "images_per_step": n_img, "image_shape": list(x.shape[1:]),
             "ms_per_step_median": float(np.median(a) * 1e3), "ms_per_step_mean": float(a.mean() * 1e3),
@@ -143,6 +156,9 @@ def main(argv=None) -> dict:
         raise SystemExit(f"data_loading: --test-env {args.test_env} out of range (0..{n_envs - 1})")
     train_envs = [e for e in range(n_envs) if e != args.test_env]
     in_memory = preload and not args.dataset_root  # the embedded world: batched tensor augmentation (scmd.augment)
+    if args.kept_share is not None and not (in_memory and 0 < args.kept_share <= 1):
+        raise SystemExit("data_loading: --kept-share needs a share in (0, 1] and the in-memory embedded world "
+                         "(stale selection augments only the kept rows of in-memory batches)")
     store = D.ImageStore(index, preload=preload, as_tensors=in_memory)
     splits = [D.in_out_split(len(index.paths[e]), 0.2, 0, e) for e in range(n_envs)]
     setup_s = time.perf_counter() - t
@@ -154,11 +170,12 @@ def main(argv=None) -> dict:
     if m and m["image_size"] != size:
         print(f"[data_loading] note: the step JSON is at {m['image_size']} px, the loader at {size} px",
               file=sys.stderr)
-    out = Path(args.out or ROOT / "bench" / "results" / f"data_loading_{name}.json")
+    tag = "" if args.kept_share is None else f"_kept{args.kept_share:g}"
+    out = Path(args.out or ROOT / "bench" / "results" / f"data_loading_{name}{tag}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     result = {"benchmark": "data_loading", "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
               "dataset": name, "root": str(root), "image_size": size, "preload": preload, "batch": args.batch,
-              "augmentation": "tensor" if in_memory else "PIL",
+              "augmentation": "tensor" if in_memory else "PIL", "kept_share": args.kept_share,
               "train_envs": train_envs, "steps": args.steps, "warmup": args.warmup, "setup_s": setup_s,
               "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(),
                           "torch_threads": torch.get_num_threads()},
@@ -166,15 +183,17 @@ def main(argv=None) -> dict:
               "results": [], "model": m}
     rows = result["results"]
     for w in args.workers if args.workers is not None else default_workers():
-        r = time_loader(store, index, splits, train_envs, args.batch, args.seed, size, w, args.steps, args.warmup)
+        r = time_loader(store, index, splits, train_envs, args.batch, args.seed, size, w, args.steps, args.warmup,
+                        args.kept_share)
         if m:
             r["verdict"] = verdict(r, m)
         rows.append(r)
         out.write_text(json.dumps(result, indent=1))  # after every worker count (a time limit keeps the rest)
         print(f"[data_loading] workers {w}: {r['images_per_s']:.0f} img/s", file=sys.stderr)
 
-    print(f"data loading -- {name}, {size} px, {len(train_envs)}x{args.batch} images per step, {args.steps} steps "
-          f"after {args.warmup} warm-up; {os.cpu_count()} CPUs")
+    kept = "" if args.kept_share is None else f", pixels made for floor(N x {args.kept_share}) of them"
+    print(f"data loading -- {name}, {size} px, {len(train_envs)}x{args.batch} images per step{kept}, "
+          f"{args.steps} steps after {args.warmup} warm-up; {os.cpu_count()} CPUs")
     print(f"{'workers':>8} {'img/s':>9} {'ms/step':>9} {'p10':>8} {'p90':>8} {'1st batch s':>12}  verdict")
     for r in rows:
         print(f"{r['workers']:>8} {r['images_per_s']:>9.0f} {r['ms_per_step_median']:>9.1f} "

@@ -29,6 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import scmd_ref as S  # noqa: E402
+from scmd import data as D  # noqa: E402
 
 
 class Probe:
@@ -48,7 +49,8 @@ class Probe:
             if probe.scored_at is None:
                 probe.scored_at = np.full(sel.tracker.n_samples, -1, np.int64)
             rng = torch.get_rng_state()
-            fresh = S.select_hardest(tr.per_sample_ce(x, y).float().cpu(), int(len(y) * sel.p)).numpy()
+            full = x.all() if isinstance(x, D.LazyImages) else x  # (the run itself augments only the kept rows)
+            fresh = S.select_hardest(tr.per_sample_ce(full, y).float().cpu(), int(len(y) * sel.p)).numpy()
             torch.set_rng_state(rng)  # the run stays the stale run
             stale = sel.stale_keep(domains, ids, step).numpy()
             at = probe.scored_at[ids.numpy()]
@@ -82,6 +84,7 @@ def main(argv=None) -> dict:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=3751, help="default: every selecting step of the protocol (0..3750)")
     p.add_argument("--window", type=int, default=250, help="steps per row of the printed table")
+    p.add_argument("--world-per-class", type=int, default=None, help="a partial embedded world (quick checks)")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "stale_selection.json"))
     a = p.parse_args(argv)
     if a.steps < 1 or a.window < 1:
@@ -91,7 +94,8 @@ def main(argv=None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         code = S.main(["--dataset", a.dataset, "--data-dir", a.data_dir, "--test-env", str(a.test_env), "--seed",
                        str(a.seed), "--trial-seed", str(a.seed), "--steps", str(a.steps), "--checkpoint-freq",
-                       str(10**6), "--selection-losses", "stale", "--no-progress", "--output-dir", tmp])
+                       str(10**6), "--selection-losses", "stale", "--no-progress", "--output-dir", tmp]
+                      + (["--world-per-class", str(a.world_per_class)] if a.world_per_class else []))
     if code != 0 or not probe.rows:
         raise SystemExit(f"stale_selection: the run failed ({code}) or never selected")
     windows = []

@@ -51,6 +51,10 @@ class Params:
     order: np.ndarray  # (n, 4): permutation of the four colour ops
     gray: np.ndarray  # bool
 
+    def take(self, rows) -> Params:
+        """The parameters of the given rows (an index array or a slice), in that order."""
+        return Params(*(v[rows] for v in vars(self).values()))
+
 
 def draw_params(rng: np.random.Generator, n: int, img_h: int, img_w: int) -> Params:
     """Draw n independent parameter sets with torchvision's rules: the crop tries 10 random boxes

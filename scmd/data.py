@@ -215,9 +215,10 @@ class StepBatches(torch.utils.data.Dataset):
     replacement from the env's in-split, each augmented with its own seed. Returns (x, y, sample_ids)."""
 
     def __init__(self, store: ImageStore, env: int, in_idx: np.ndarray, batch_size: int, seed: int, size: int,
-                 rows: slice = slice(None)):
+                 rows: slice = slice(None), lazy_until: int = -1):
         self.store, self.env, self.in_idx, self.batch_size, self.seed = store, env, in_idx, batch_size, seed
         self.size, self.rows = size, rows  # rows: this process's share of the batch (torchrun), drawn as one
+        self.lazy_until = lazy_until  # in-memory steps <= this return LazyImages (stale selection: kept rows only)
         self.tf = train_transform(size)
 
     def __len__(self) -> int:  # only a sampler bound; the loader asks for steps, not positions
@@ -229,9 +230,9 @@ class StepBatches(torch.utils.data.Dataset):
         if self.store.tensors is not None:  # the whole batch at once, one parameter draw per sample
             imgs = self.store.tensors[self.env][torch.from_numpy(rows)]
             params = augment.draw_params(rng, len(rows), imgs.shape[2], imgs.shape[3])
-            if self.rows != slice(None):
-                imgs, params = imgs[self.rows], augment.Params(*(v[self.rows] for v in vars(params).values()))
-            x = augment.apply(imgs, params, self.size, IMAGENET_MEAN, IMAGENET_STD)
+            imgs, params = imgs[self.rows], params.take(self.rows)
+            x = LazyImages([(imgs, params)], self.size)
+            x = x if step <= self.lazy_until else x.all()
         else:
             aug_seeds = rng.integers(0, 2**62, self.batch_size)[self.rows]
             with _OwnRng() as r:
@@ -241,6 +242,50 @@ class StepBatches(torch.utils.data.Dataset):
         y = torch.from_numpy(self.store.index.labels[self.env][rows])
         ids = torch.from_numpy(rows + self.store.index.offsets[self.env])
         return x, y, ids
+
+
+class LazyImages:
+    """Step-batch rows of in-memory images whose pixels are made only when rows are taken (``x[rows]``): the
+    uint8 source images and each row's augmentation parameters, drawn for the whole batch, so a taken row has
+    exactly the pixels it has in the full batch. Stale selection ranks before it needs any pixel, so it
+    augments only the kept rows (~20 % of the batch)."""
+
+    def __init__(self, parts: list, size: int, device: Optional[torch.device] = None):
+        self.parts, self.size = parts, size  # parts: [(uint8 (n, 3, H, W), Params)], one per training env
+        self.device = device or torch.device("cpu")
+
+    def __len__(self) -> int:
+        return sum(len(imgs) for imgs, _ in self.parts)
+
+    def to(self, device, non_blocking: bool = False) -> LazyImages:
+        return LazyImages(self.parts, self.size, torch.device(device))
+
+    def __getitem__(self, rows: torch.Tensor) -> torch.Tensor:
+        """The augmented, normalised float32 rows (a 1-d index tensor), in that order, on this batch's device."""
+        rows = rows.cpu()
+        out = torch.empty((len(rows), 3, self.size, self.size))
+        start = 0
+        for imgs, params in self.parts:  # (envs may differ in image size)
+            mine = (rows >= start) & (rows < start + len(imgs))
+            if mine.any():
+                local = (rows[mine] - start).numpy()
+                out[mine] = augment.apply(imgs[torch.from_numpy(local)], params.take(local), self.size,
+                                          IMAGENET_MEAN, IMAGENET_STD)
+            start += len(imgs)
+        return out.to(self.device, non_blocking=True)
+
+    def all(self) -> torch.Tensor:
+        """Every row (the full batch), each part augmented at once."""
+        return torch.cat([augment.apply(imgs, params, self.size, IMAGENET_MEAN, IMAGENET_STD)
+                          for imgs, params in self.parts]).to(self.device, non_blocking=True)
+
+
+def cat_images(parts: list, device: torch.device):
+    """The step batch of the training envs, concatenated in env order on `device` (pinned host memory makes
+    the copies asynchronous on CUDA); LazyImages stay lazy."""
+    if all(isinstance(p, LazyImages) for p in parts):
+        return LazyImages([q for p in parts for q in p.parts], parts[0].size, device)
+    return torch.cat([p.to(device, non_blocking=True) for p in parts])
 
 
 class _Steps(torch.utils.data.Sampler):

@@ -120,10 +120,11 @@ def load_data(s, out: Path, image_size: int) -> SimpleNamespace:
                            n_envs=n_envs, truncated_log=truncated_log)
 
 
-def train_loaders(s, data, batch_size: int, image_size: int, start_step: int, device) -> list:
-    """One step-indexed loader per training env: the minibatch of step t is a function of (seed, env, t)."""
+def train_loaders(s, data, batch_size: int, image_size: int, start_step: int, device, lazy_until: int = -1) -> list:
+    """One step-indexed loader per training env: the minibatch of step t is a function of (seed, env, t).
+    In-memory batches of steps <= lazy_until come as D.LazyImages (pixels made only for the rows taken)."""
     return [iter(D.train_loader(D.StepBatches(data.store, e, data.splits[e][1], batch_size, s.seed, image_size,
-                                              DIST.share(batch_size)),
+                                              DIST.share(batch_size), lazy_until),
                                 start_step, s.workers, pin_memory=device.type == "cuda")) for e in data.train_envs]
 
 

@@ -169,3 +169,27 @@ def test_data_loading_json(tmp_path, breakdown):
         assert r["images_per_step"] == 4 and r["images_per_s"] > 0 and r["image_shape"] == [3, 32, 32]
         assert "bound" in r["verdict"] or "serial" in r["verdict"]
     assert d["model"]["config"] == "scmd" and d["model"]["N"] == 6
+
+
+def test_data_loading_kept_share(tmp_path):
+    """--kept-share times a stale selecting step's pipeline: floor(N p) rows come out, of the world's size."""
+    out = tmp_path / "kept.json"
+    dl.main(["--data-dir", str(tmp_path), "--n-per-class", "2", "--batch", "5", "--steps", "2", "--warmup", "0",
+             "--workers", "0", "--kept-share", "0.2", "--out", str(out)])
+    (r,) = json.loads(out.read_text())["results"]
+    assert r["images_per_step"] == 3 and r["images_per_s"] > 0  # floor(15 * 0.2)
+    with pytest.raises(SystemExit, match="kept-share"):
+        dl.main(["--dataset-root", str(tmp_path), "--kept-share", "0.2"])
+
+
+def test_stale_selection_probe_runs_on_the_lazy_loop(tmp_path):
+    """bench/stale_selection.py ranks the same batch fresh (full pixels) beside the stale run (kept rows only)."""
+    from bench import stale_selection
+
+    out = tmp_path / "stale.json"
+    r = stale_selection.main(["--data-dir", str(tmp_path), "--world-per-class", "5", "--steps", "6", "--window", "3",
+                              "--out", str(out)])
+    assert json.loads(out.read_text())["overall"] == r["overall"]
+    assert [w["first_step"] for w in r["windows"]] == [0, 3]
+    assert r["overall"]["chance"] == pytest.approx(19 / 96)  # floor(96 p) of 3 x 32 candidates, p = 0.2
+    assert 0 <= r["overall"]["overlap_mean"] <= 1 and 0 < r["overall"]["unscored_share"] <= 1

@@ -184,3 +184,32 @@ def test_training_domain_validation_picks_first_best():
             for s, a, b in [(0, 0.5, 0.5), (1, 0.7, 0.6), (2, 0.6, 0.7), (3, 0.1, 0.1)]]
     sel = O.training_domain_selection(recs, test_env=2, n_envs=3)
     assert sel["record"]["step"] == 1 and sel["val_acc"] == pytest.approx(0.65)
+
+
+def test_lazy_step_batches_draw_the_same_candidates_and_pixels(tmp_path):
+    """Stale selection loads lazily: the same candidates (ids, labels) as the full batch, and the rows it takes
+    have exactly the full batch's pixels, whatever rows and in whatever order (also across two envs)."""
+    rng = np.random.default_rng(0)
+    for e in range(2):
+        for c in range(2):
+            (tmp_path / f"W/e{e}/c{c}").mkdir(parents=True)
+            for i in range(6):  # noise, so that every crop, flip and colour op shows in the pixels
+                noise = rng.integers(0, 256, (10, 10, 3), dtype=np.uint8)
+                Image.fromarray(noise).save(tmp_path / f"W/e{e}/c{c}/{i}.png")
+    store = D.ImageStore(D.index_dataset(tmp_path / "W"), preload=False, as_tensors=True)
+    full = [D.StepBatches(store, e, np.arange(12), 7, seed=3, size=8) for e in range(2)]
+    lazy = [D.StepBatches(store, e, np.arange(12), 7, seed=3, size=8, lazy_until=5) for e in range(2)]
+    for step in (0, 5):
+        a, b = [ds[step] for ds in full], [ds[step] for ds in lazy]
+        assert all(isinstance(x, D.LazyImages) for x, _, _ in b)
+        for (_, ya, ia), (_, yb, ib) in zip(a, b):
+            assert torch.equal(ya, yb) and torch.equal(ia, ib)
+        x_full = D.cat_images([x for x, _, _ in a], torch.device("cpu"))
+        x_lazy = D.cat_images([x for x, _, _ in b], torch.device("cpu"))
+        assert len(x_lazy) == 14
+        rows = torch.tensor([13, 2, 7, 0, 6])  # both envs, unsorted, as a ranking returns them
+        assert torch.equal(x_lazy[rows], x_full[rows])
+        assert torch.equal(x_lazy.all(), x_full)
+        assert x_lazy[torch.zeros(0, dtype=torch.int64)].shape == (0, 3, 8, 8)
+    assert isinstance(lazy[0][6][0], torch.Tensor)  # after lazy_until (the cut-off): whole batches again
+    assert torch.equal(lazy[0][6][0], full[0][6][0])
