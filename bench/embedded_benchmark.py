@@ -5,11 +5,15 @@ protocol of every dataset (5001 steps, evaluation every 300, selection cut-off 3
     python bench/embedded_benchmark.py --report                     # the table of the runs finished so far
     python bench/embedded_benchmark.py --algorithms scmd scmd-stale # --selection-losses stale against the paper's
 
-Each run is `scmd_ref.py --dataset embedded --algorithm A --test-env E --seed S --trial-seed S --eval-splits
-selection` in its own folder under `<out>/<world version>_<settings>/`. scmd_ref.py reuses a finished folder only
-when its recorded settings equal the requested ones (and continues an unfinished one from its checkpoint), so an
-interrupted benchmark continues and a benchmark with other settings never reuses these runs. Runs are scheduled
-seed by seed, erm and scmd first within a seed, so that a partial benchmark already holds paired comparisons.
+The benchmark is a sweep of scmd.sweep over the one dataset `embedded`, launched by its local launcher: each run
+is `scmd_ref.py --dataset embedded --algorithm A --test-env E --hparams-seed 0 --trial-seed S --seed S --eval-splits
+selection` (the run seed is the trial seed here, not DomainBed's seed_hash, so that seed S is the same run in every
+benchmark) in its own folder `<out>/<world version>_<settings>/<A>_te<E>_s<S>`, with the sweep's log, exit code
+and sweep file. A finished folder is reused only when its recorded settings equal the requested ones (an
+unfinished one continues from its checkpoint), so an interrupted benchmark continues, a benchmark with other
+settings never reuses these runs, and `python -m scmd.sweep status|collect --output-dir <that folder>` work on
+it (collect: the Table-1 form). Runs are scheduled seed by seed, erm and scmd first within a seed, so that a
+partial benchmark already holds paired comparisons.
 
 The test accuracy of a run is DomainBed's training-domain validation choice: the held-out domain's in-split
 accuracy at the record with the best mean out-split accuracy over the source domains. The table gives mean +-
@@ -25,11 +29,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -47,25 +49,15 @@ def run_dir(args, a, e, s) -> Path:
     return Path(args.out) / args.tag / f"{a}_te{e}_s{s}"
 
 
-def scmd_command(args, a, e, s) -> list:
+def sweep_run(args, a, e, s):
+    """The run as one of scmd.sweep's: hparams seed 0 (the defaults), run seed = trial seed = s, its own folder."""
+    from scmd import sweep
+
     algorithm, extra, _ = VARIANTS.get(a, (a, [], None))
-    cmd = [sys.executable, str(ROOT / "scmd_ref.py"), "--dataset", "embedded", "--algorithm", algorithm, "--test-env",
-           str(e), "--seed", str(s), "--trial-seed", str(s), "--output-dir", str(run_dir(args, a, e, s)),
-           "--no-progress", "--data-dir", args.data_dir, "--eval-splits", args.eval_splits, *extra]
-    if args.steps:
-        cmd += ["--steps", str(args.steps)]
-    return cmd
-
-
-def run_one(a, e, s, args) -> None:
-    out = run_dir(args, a, e, s)
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
-    t0 = time.time()
-    r = subprocess.run(scmd_command(args, a, e, s), cwd=ROOT, env=env, capture_output=True, text=True)
-    if r.returncode != 0:
-        last = (r.stderr.strip().splitlines() or ["(no output)"])[-1]
-        raise SystemExit(f"run {out} failed ({r.returncode}): {last}")
-    print(f"  {a:<15} te{e} s{s}: {time.time() - t0:.0f}s", flush=True)
+    extra = [*extra, "--eval-splits", args.eval_splits, *(["--steps", str(args.steps)] if args.steps else []),
+             *(["--world-per-class", str(args.world_per_class)] if args.world_per_class else [])]
+    return sweep.make_run("embedded", algorithm, e, 0, s, s, args.data_dir, extra, Path(args.out) / args.tag,
+                          run_dir(args, a, e, s).name)
 
 
 def load_run(out: Path):
@@ -169,7 +161,8 @@ def report(args, envs, names, world_version) -> None:
          "runs": {f"{a}_te{e}_s{s}": v for (a, e, s), v in acc.items()},
          "runs_source_val": {f"{a}_te{e}_s{s}": v for (a, e, s), v in val.items()},
          "runs_train_seconds": {f"{a}_te{e}_s{s}": train_seconds(r[1]) for (a, e, s), r in runs.items()},
-         "settings": {k: v for k, v in vars(args).items() if k != "report"}, "envs": [names[e] for e in envs]},
+         "settings": {k: v for k, v in vars(args).items() if k not in ("report", "dry_run")},
+         "envs": [names[e] for e in envs]},
         indent=1))
     plot_table(table, args.algorithms, [names[e] for e in envs], out / "benchmark.png")
     plot_curves(runs, args, envs, names, out / "curves.png")
@@ -276,7 +269,7 @@ def plot_kept(kept, names, path) -> None:
     plt.close(fig)
 
 
-def main() -> None:
+def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--algorithms", nargs="+", default=ALGORITHMS)
     p.add_argument("--envs", nargs="+", type=int, default=None, help="held-out domains (default: all)")
@@ -290,7 +283,10 @@ def main() -> None:
     p.add_argument("--data-dir", default=str(ROOT / "data"))
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "embedded"))
     p.add_argument("--report", action="store_true", help="only print and save the table of the finished runs")
-    args = p.parse_args()
+    p.add_argument("--world-per-class", type=int, default=None,
+                   help="a partial world (N images per domain and class; quick checks, a folder of its own)")
+    p.add_argument("--dry-run", action="store_true", help="print the commands of the runs to do")
+    args = p.parse_args(argv)
     unknown = sorted(set(args.algorithms) - set(KNOWN))
     if unknown or args.parallel < 1 or args.threads < 1 or (args.steps is not None and args.steps < 1):
         print(f"embedded_benchmark.py: error: unknown algorithms {unknown} (choose from {KNOWN}), or "
@@ -299,19 +295,34 @@ def main() -> None:
     sys.path.insert(0, str(ROOT))
     from scmd import world
 
-    args.tag = f"{world.WORLD_VERSION}_steps{args.steps or 'default'}_eval-{args.eval_splits}"
+    part = f"_n{args.world_per_class}" if args.world_per_class else ""
+    args.tag = f"{world.WORLD_VERSION}{part}_steps{args.steps or 'default'}_eval-{args.eval_splits}"
     envs = args.envs if args.envs is not None else list(range(len(world.ENVIRONMENTS)))
     names = world.ENVIRONMENTS
     if not args.report:
-        world.ensure_dataset(args.data_dir)
+        world.ensure_dataset(args.data_dir, n_per_class=args.world_per_class)
+        from types import SimpleNamespace
+
+        from scmd import sweep
+        from scmd.errors import ScmdError
+
         order = [a for a in SCHEDULE if a in args.algorithms]
-        jobs = [(a, e, s) for s in args.seeds for a in order for e in envs]  # seed by seed: pairs early
-        print(f"{len(jobs)} runs, {args.parallel} at a time, {args.threads} thread(s) each, in "
-              f"{Path(args.out) / args.tag}; commit {git_commit()}", flush=True)
+        launch = SimpleNamespace(launcher="local", dry_run=args.dry_run, output_dir=str(Path(args.out) / args.tag),
+                                 jobs=args.parallel, threads=args.threads, gpus_per_run=1)
         t0 = time.time()
-        with ThreadPoolExecutor(args.parallel) as pool:
-            list(pool.map(lambda j: run_one(*j, args), jobs))
-        print(f"all runs finished in {time.time() - t0:.0f}s", flush=True)
+        try:
+            runs = [sweep_run(args, a, e, s) for s in args.seeds for a in order for e in envs]  # seed by seed
+            print(f"{len(runs)} runs, {args.parallel} at a time, {args.threads} thread(s) each, in "
+                  f"{launch.output_dir}; commit {git_commit()}", flush=True)
+            code = sweep.launch_runs(runs, launch)
+        except ScmdError as err:
+            print(f"embedded_benchmark.py: error: {err}", file=sys.stderr)
+            raise SystemExit(2) from None
+        if args.dry_run:
+            return
+        print(f"launch finished in {time.time() - t0:.0f}s", flush=True)
+        if code != 0:
+            raise SystemExit(code)
     report(args, envs, names, world.WORLD_VERSION)
 
 

@@ -87,16 +87,29 @@ def plan(a) -> List[Run]:
             raise UsageError(f"--test-envs {bad} out of range: {ds} has {len(envs)} domains (0..{len(envs) - 1})")
         for alg, te, h, t in itertools.product(algorithms, test_envs, range(a.n_hparams), range(a.n_trials)):
             seed = seed_hash(DATASETS[ds].domainbed_name, DOMAINBED_ALGORITHM_NAME[alg], [te], h, t)
-            argv = ["--dataset", ds, "--algorithm", alg, "--test-env", str(te), "--hparams-seed", str(h),
-                    "--trial-seed", str(t), "--seed", str(seed), "--data-dir", a.data_dir, "--no-progress"]
-            argv += (["--steps", str(a.steps)] if a.steps else []) + (["--hparams", a.hparams] if a.hparams else [])
-            argv += list(a.extra)
-            s, hp = S.resolve(S.parse(scmd_ref.Settings, argv, scmd_ref.__doc__), scmd_ref.ALGORITHMS)
-            fp = S.fingerprint(s, hp)
-            out = Path(a.output_dir) / f"{ds}_{alg}_te{te}_h{h}_t{t}_s{seed}_{O.fingerprint_hash(fp)}"
-            runs.append(Run(ds, alg, te, h, t, seed, str(out), [*argv, "--output-dir", str(out)], fp,
-                            getattr(a, "gpus_per_run", 1)))
+            extra = (["--steps", str(a.steps)] if a.steps else []) + (["--hparams", a.hparams] if a.hparams else [])
+            runs.append(make_run(ds, alg, te, h, t, seed, a.data_dir, [*extra, *a.extra], Path(a.output_dir),
+                                 None, getattr(a, "gpus_per_run", 1)))
     return runs
+
+
+def make_run(dataset: str, algorithm: str, test_env: int, hparams_seed: int, trial_seed: int, seed: int,
+             data_dir: str, extra: List[str], output_dir: Path, name: Optional[str] = None, gpus: int = 1) -> Run:
+    """One run: its scmd_ref.py arguments, the fingerprint of the settings they resolve to, and its folder
+    (`name`, or <dataset>_<algorithm>_te_h_t_s_<fingerprint hash>) under output_dir."""
+    sys.path.insert(0, str(ROOT))
+    import scmd_ref
+    from scmd import settings as S
+
+    argv = ["--dataset", dataset, "--algorithm", algorithm, "--test-env", str(test_env), "--hparams-seed",
+            str(hparams_seed), "--trial-seed", str(trial_seed), "--seed", str(seed), "--data-dir", data_dir,
+            "--no-progress", *extra]
+    s, hp = S.resolve(S.parse(scmd_ref.Settings, argv, scmd_ref.__doc__), scmd_ref.ALGORITHMS)
+    fp = S.fingerprint(s, hp)
+    name = name or f"{dataset}_{algorithm}_te{test_env}_h{hparams_seed}_t{trial_seed}_s{seed}_{O.fingerprint_hash(fp)}"
+    out = output_dir / name
+    return Run(dataset, algorithm, test_env, hparams_seed, trial_seed, seed, str(out),
+               [*argv, "--output-dir", str(out)], fp, gpus)
 
 
 def command(run: Run) -> List[str]:
@@ -281,7 +294,12 @@ def launch_slurm(runs: List[Run], a) -> list:
 
 
 def launch(a) -> int:
-    runs = plan(a)
+    return launch_runs(plan(a), a)
+
+
+def launch_runs(runs: List[Run], a) -> int:
+    """Start the runs that are not done or running (a: the launch options), after checking every finished folder
+    holds these settings; writes each run's sweep file first, so that `status` and `collect` see every run."""
     for r in runs:
         _check_reuse(r)
     if a.launcher == "slurm" and not a.dry_run:

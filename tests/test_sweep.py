@@ -232,3 +232,27 @@ def test_collect_gives_stale_selection_losses_a_row_of_their_own(tmp_path):
     assert [c["mean"] for c in rows["SCMD"]["envs"]] == pytest.approx([50.0] * 4)
     assert [c["mean"] for c in rows["SCMD_stale"]["envs"]] == pytest.approx([30.0] * 4)
     assert rows["SCMD_stale"]["complete"]
+
+
+@pytest.mark.slow
+def test_embedded_benchmark_is_a_sweep_that_collect_reads(tmp_path, data_dir, capsys):
+    """bench/embedded_benchmark.py launches its runs through scmd.sweep: a second launch reuses them, status
+    and collect read its folder, and collect's table has the benchmark's own accuracies."""
+    from bench import embedded_benchmark as eb
+
+    argv = ["--data-dir", str(data_dir), "--world-per-class", "6", "--steps", "4", "--envs", "0", "--seeds", "0",
+            "--algorithms", "erm", "scmd-stale", "--parallel", "2", "--out", str(tmp_path)]
+    eb.main(argv)
+    (folder,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    bench = json.loads((folder / "benchmark.json").read_text())
+    assert bench["finished"] == 2 and set(bench["runs"]) == {"erm_te0_s0", "scmd-stale_te0_s0"}
+    assert json.loads((folder / "scmd-stale_te0_s0" / sweep.SWEEP_FILE).read_text())["fingerprint"][
+        "selection_losses"] == "stale"
+    capsys.readouterr()
+    eb.main(argv + ["--dry-run"])  # launched again: nothing to do
+    assert "2 done; 0 to run" in capsys.readouterr().out
+    assert sweep.main(["collect", "--output-dir", str(folder), "--format", "json"]) == 0
+    t = json.loads(capsys.readouterr().out)
+    rows = t["selection"]["training-domain validation"]["datasets"]["EmbeddedWorld"]["rows"]
+    assert rows["ERM"]["envs"][0]["mean"] == pytest.approx(100 * bench["runs"]["erm_te0_s0"])
+    assert rows["SCMD_stale"]["envs"][0]["mean"] == pytest.approx(100 * bench["runs"]["scmd-stale_te0_s0"])
