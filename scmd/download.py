@@ -17,29 +17,37 @@ Sources (the ones DomainBed's own download script uses):
   and painting, as DomainBed), then the files named in DomainBed's ``domain_net_duplicates.txt`` are removed.
   That list (~8k paths) is fetched from DomainBed's repository at run time rather than copied in here.
 
+The files are fetched with ``gdown`` (Google Drive's confirmation pages, resume, and with gdown 6 retries and
+timeouts; it also fetches the plain HTTP files). ``ARCHIVE_MD5`` is the checksum table: a file with a known md5
+is verified; one whose md5 is unknown (``None``; DomainBed's script states no checksum) is used with one line
+saying it was not checksum-verified, and its md5 is printed and written to the completion marker.
+
 How a download proceeds, so that an interrupted or failed one never looks complete:
 
 1. ``<data_dir>/<folder>/.scmd_download_complete.json`` exists: the dataset is there, nothing is fetched. A
    folder without that marker that already has every domain folder (unpacked by hand) is used as it is; one
    that lacks domains is an error, never overwritten.
-2. Each file is fetched to ``<data_dir>/_downloads/<file>.part`` (a short TCP check of the host first, so an
-   offline machine fails in seconds), resumed with an HTTP Range request when a ``.part`` of the same source
-   is there, and renamed to ``<data_dir>/_downloads/<file>`` when all its bytes arrived. A file already at that
-   name (also one saved there by hand) is not fetched again.
-3. The archives are unpacked into ``<data_dir>/.<folder>.partial``, the domain folders are checked, the
-   marker is written, and only then is the folder renamed to ``<data_dir>/<folder>``. The archives are then
-   deleted (``keep_archives=True`` keeps them).
+2. Each file is fetched to ``<data_dir>/_downloads/<file>``. Until all its bytes arrived they are in a
+   ``<file>XXXXXXXX.part`` next to it, which the next run resumes. A file already at that name (also one saved
+   there by hand) is not fetched again. Its md5 is then checked; a file that fails the check is moved to
+   ``<file>.bad`` (never used again) and the download stops with an error.
+3. The archives are unpacked into ``<data_dir>/.<folder>.partial`` (tar members through ``tarfile``'s
+   ``data`` extraction filter, zip members after a path check; absolute or ``..`` paths are refused), the
+   domain folders are checked, the marker is written, and only then is the folder renamed to
+   ``<data_dir>/<folder>``. The archives are then deleted (``keep_archives=True`` keeps them).
 
 Any network failure raises :class:`scmd.errors.DataError` with one line: the URL, the cause, and how to get
-the data by hand. A lock file serialises concurrent calls for the same dataset (POSIX only).
+the data by hand. A lock file (``filelock``) serialises concurrent calls for the same dataset.
 """
 
 from __future__ import annotations
 
 import argparse
+import bz2
 import contextlib
-import errno
-import http.client
+import gzip
+import hashlib
+import inspect
 import json
 import lzma
 import os
@@ -48,41 +56,53 @@ import shutil
 import socket
 import sys
 import tarfile
-import threading
-import time
-import urllib.error
-import urllib.parse
-import urllib.request
 import zipfile
 import zlib
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from html.parser import HTMLParser
-from http.cookiejar import CookieJar
-from pathlib import Path
-from typing import IO, Callable, Dict, Iterator, List, Optional, Sequence, Set, Tuple, Union
+from pathlib import Path, PurePosixPath
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Set, Tuple, Union
+
+import filelock
+import gdown
+import requests
+from tqdm import tqdm
 
 from scmd.datasets import DATASETS
 from scmd.errors import DataError, ScmdError, UsageError
 
 MARKER = ".scmd_download_complete.json"
 DOWNLOADS = "_downloads"
+RETRIES = 2  # gdown's extra attempts per file after a transient network failure (it resumes the transfer)
+# gdown 6.x (Python >= 3.10) takes timeout, retries and hasher; 5.x (the last for Python 3.9) does not, so
+# only the arguments the installed gdown accepts are passed, and the md5 is then read back from the file.
+_GDOWN_PARAMS = frozenset(inspect.signature(gdown.download).parameters)
+_GDOWN_ERRORS = tuple(getattr(gdown.exceptions, n) for n in ("DownloadError", "FileURLRetrievalError")
+                      if hasattr(gdown.exceptions, n))
 CHUNK = 1 << 20
-PROBE_TIMEOUT = 5.0  # the first connection check never waits longer than this
-USER_AGENT = "scmd-download/0.1 (python-urllib)"
-
-# Google Drive: the bytes come from this endpoint; a file too large for Drive's virus scan answers with an
-# HTML page whose "download anyway" form carries the confirmation fields (module-level so tests can move it).
-GDRIVE_DOWNLOAD = "https://drive.usercontent.google.com/download"
 
 TERRA_LOCATIONS = tuple(e.split("_", 1)[1] for e in DATASETS["terraincognita"].envs)  # the folders' ids
 TERRA_CLASSES = ("bird", "bobcat", "cat", "coyote", "dog", "empty", "opossum", "rabbit", "raccoon", "squirrel")
 TERRA_IMAGES_DIR = "eccv_18_all_images_sm"
 DOMAINNET_DOMAINS = tuple(DATASETS["domainnet"].envs)
 
+# The md5 of every file fetched, by file name. None = unknown: DomainBed's download script states no checksum
+# and none is known with certainty from the publishers (LILA, the VisDA 2019 site, the Drive copies), so these
+# files are not verified; a download prints its md5 and the completion marker records it. Fill in a value only
+# from a source that states it; a known value is always checked.
+ARCHIVE_MD5: Dict[str, Optional[str]] = {
+    "VLCS.tar.gz": None,  # unknown
+    "PACS.zip": None,  # unknown
+    "office_home.zip": None,  # unknown
+    "eccv_18_all_images_sm.tar.gz": None,  # unknown
+    "caltech_camera_traps.json.zip": None,  # unknown
+    "domain_net_duplicates.txt": None,  # unknown (fetched from DomainBed's main branch)
+    **{f"{d}.zip": None for d in DOMAINNET_DOMAINS},  # unknown
+}
+
 
 def gdrive_url(file_id: str) -> str:
-    """The public link of a Drive file (the one DomainBed's script uses), for messages and resume tags."""
+    """The public link of a Drive file (the one DomainBed's script uses), for messages and the marker."""
     return f"https://drive.google.com/uc?id={file_id}"
 
 
@@ -111,305 +131,109 @@ class Spec:
     build: Builder  # (downloaded files in remotes' order, empty work folder, progress) -> dataset folder
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Small helpers
-
-
 def _say(msg: str) -> None:
     print(f"[download] {msg}", file=sys.stderr, flush=True)
 
 
-def _one_line(text: str) -> str:
+def _one_line(text: object) -> str:
     return " ".join(str(text).split())
 
 
-def _cause(exc: BaseException) -> str:
-    """A short, one-line description of why a network operation failed."""
-    if isinstance(exc, urllib.error.HTTPError):
-        return f"HTTP {exc.code} {exc.reason}"
-    if isinstance(exc, urllib.error.URLError):
-        reason = exc.reason
-        return _cause(reason) if isinstance(reason, BaseException) else _one_line(reason)
-    if isinstance(exc, socket.gaierror):
-        return f"cannot resolve the host name ({exc.strerror or exc})"
-    if isinstance(exc, (socket.timeout, TimeoutError)):
-        return "timed out"
-    if isinstance(exc, ConnectionRefusedError):
-        return "connection refused"
-    if isinstance(exc, ConnectionResetError):
-        return "connection reset by the server"
-    if isinstance(exc, http.client.IncompleteRead):
-        return "connection closed before the end of the file"
-    if isinstance(exc, OSError) and exc.strerror:
-        return _one_line(exc.strerror)
-    return _one_line(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
-
-
-class _NetFail(Exception):
-    """A failed attempt at one source; the caller tries the next mirror or raises a DataError."""
-
-
-class _Progress:
-    """Bytes done / total on stderr: a tqdm bar, or a line every few seconds without tqdm."""
-
-    def __init__(self, label: str, total: Optional[int], initial: int = 0, enabled: bool = True):
-        self.label, self.total, self.done, self.enabled = label, total, initial, enabled
-        self._bar = None
-        self._last = 0.0
-        if not enabled:
-            return
-        try:
-            from tqdm import tqdm
-        except ImportError:
-            return
-        self._bar = tqdm(total=total, initial=initial, unit="B", unit_scale=True, unit_divisor=1024,
-                         desc=label, file=sys.stderr, mininterval=0.5 if sys.stderr.isatty() else 10.0,
-                         dynamic_ncols=True, leave=True)
-
-    def update(self, n: int) -> None:
-        self.done += n
-        if self._bar is not None:
-            self._bar.update(n)
-        elif self.enabled and time.monotonic() - self._last > 5.0:
-            self._last = time.monotonic()
-            total = f" / {_size(self.total)}" if self.total else ""
-            _say(f"{self.label}: {_size(self.done)}{total}")
-
-    def close(self) -> None:
-        if self._bar is not None:
-            self._bar.close()
-
-
-def _size(n: Optional[int]) -> str:
-    if n is None:
-        return "?"
-    x = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if x < 1024 or unit == "GiB":
-            return f"{x:.0f} {unit}" if unit == "B" else f"{x:.1f} {unit}"
-        x /= 1024
-    return f"{x:.1f} GiB"
-
-
-@contextlib.contextmanager
-def _lock(path: Path) -> Iterator[None]:
-    """An exclusive lock on ``path`` (flock; a no-op where fcntl is missing)."""
-    try:
-        import fcntl
-    except ImportError:
-        yield
-        return
-    with open(path, "a+b") as f:
-        try:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
-                yield  # no locking on this file system (e.g. some NFS mounts)
-                return
-            _say(f"another process is downloading into the same folder; waiting for it ({path})")
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
-
-
 # ---------------------------------------------------------------------------------------------------------
-# Network
+# Fetching
 
 
-def _probe(url: str, timeout: float) -> Optional[str]:
-    """Open (and close) a TCP connection to the URL's host, or to the proxy urllib would use for it.
-
-    Returns None on success, else the cause. Name resolution has no timeout of its own, so the attempt runs
-    in a daemon thread that is abandoned after ``timeout``.
-    """
-    parts = urllib.parse.urlsplit(url)
-    host = parts.hostname or ""
-    port = parts.port or (443 if parts.scheme == "https" else 80)
-    proxy = urllib.request.getproxies().get(parts.scheme)
-    if proxy and not urllib.request.proxy_bypass(host):
-        p = urllib.parse.urlsplit(proxy if "://" in proxy else f"http://{proxy}")
-        host, port = p.hostname or host, p.port or (443 if p.scheme == "https" else 80)
-    result: List[Optional[str]] = []
-
-    def attempt() -> None:
-        try:
-            socket.create_connection((host, port), timeout=timeout).close()
-            result.append(None)
-        except Exception as e:  # any failure is the cause
-            result.append(_cause(e))
-
-    t = threading.Thread(target=attempt, name=f"probe-{host}", daemon=True)
-    t.start()
-    t.join(timeout + 0.5)
-    if not result:
-        return f"no answer from {host}:{port} within {timeout:g} s"
-    cause = result[0]
-    return None if cause is None else f"{cause} ({host}:{port})"
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    """The exception and everything behind it (causes, contexts, urllib3's ``reason``), breadth first."""
+    todo, seen = [exc], set()
+    while todo:
+        e = todo.pop(0)
+        if id(e) in seen:
+            continue
+        seen.add(id(e))
+        yield e
+        todo += [x for x in (e.__cause__, e.__context__, getattr(e, "reason", None), *e.args)
+                 if isinstance(x, BaseException)]
 
 
-def _opener(jar: CookieJar) -> urllib.request.OpenerDirector:
-    return urllib.request.build_opener(urllib.request.HTTPCookieProcessor(jar))
+def _cause(exc: BaseException) -> str:
+    """A short, one-line description of why a download failed."""
+    if type(exc).__name__ == "FileURLRetrievalError":
+        return ("Google Drive did not hand out the file (over its download quota for today, moved, or no longer "
+                "shared)")
+    for e in _chain(exc):
+        if isinstance(e, requests.HTTPError) and e.response is not None:
+            return _one_line(f"HTTP {e.response.status_code} {e.response.reason or ''}")
+        if isinstance(e, (requests.Timeout, socket.timeout, TimeoutError)):
+            return "timed out"
+        if isinstance(e, socket.gaierror):
+            return "cannot resolve the host name"
+        if isinstance(e, ConnectionRefusedError):
+            return "connection refused"
+        if isinstance(e, ConnectionResetError):
+            return "connection reset by the server"
+    text = str(exc).strip().splitlines()
+    return _one_line(text[0][:300]).rstrip(".") if text else type(exc).__name__
 
 
-def _open(opener: urllib.request.OpenerDirector, url: str, timeout: float,
-          headers: Optional[Dict[str, str]] = None) -> http.client.HTTPResponse:
-    req = urllib.request.Request(url, headers={"User-Agent": USER_AGENT, **(headers or {})})
-    try:
-        return opener.open(req, timeout=timeout)
-    except (OSError, http.client.HTTPException, ValueError) as e:  # URLError/HTTPError are OSErrors
-        raise _NetFail(_cause(e)) from e
+def _md5(path: Path) -> str:
+    h = hashlib.md5()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(CHUNK), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
-def _is_html(resp) -> bool:
-    return (resp.headers.get("Content-Type") or "").lower().startswith("text/html")
+def _looks_like_a_web_page(path: Path) -> bool:
+    with open(path, "rb") as f:
+        head = f.read(512).lstrip().lower()
+    return head.startswith((b"<!doctype html", b"<html"))
 
 
-class _DriveForm(HTMLParser):
-    """The form of Drive's "can't scan this file for viruses" page: its action and hidden fields."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.action: Optional[str] = None
-        self.fields: Dict[str, str] = {}
-        self.title = ""
-        self._in_form = self._in_title = False
-
-    def handle_starttag(self, tag, attrs):
-        a = {k: (v or "") for k, v in attrs}
-        if tag == "form" and self.action is None and ("download" in a.get("id", "") or "download" in
-                                                        a.get("action", "")):
-            self.action, self._in_form = a.get("action"), True
-        elif tag == "input" and self._in_form and a.get("name") and a.get("type", "").lower() == "hidden":
-            self.fields[a["name"]] = a.get("value", "")
-        elif tag == "title":
-            self._in_title = True
-
-    def handle_endtag(self, tag):
-        if tag == "form":
-            self._in_form = False
-        elif tag == "title":
-            self._in_title = False
-
-    def handle_data(self, data):
-        if self._in_title:
-            self.title += data
+def _verify(target: Path, digest: Optional[str] = None) -> str:
+    """Check ``target`` against ``ARCHIVE_MD5``; return its md5. A mismatch moves it to ``<file>.bad``."""
+    digest = digest or _md5(target)
+    expected = ARCHIVE_MD5.get(target.name)
+    if expected is None:
+        _say(f"{target.name} was not checksum-verified (no md5 is known for it); its md5 is {digest}")
+        return digest
+    if digest != expected.lower():
+        bad = target.with_name(target.name + ".bad")
+        os.replace(target, bad)
+        raise DataError(f"{target.name} has md5 {digest}, not the expected {expected} (a corrupted or changed "
+                        f"file); it was moved to {bad}; rerun to download it again")
+    return digest
 
 
-def _resolve_gdrive(opener: urllib.request.OpenerDirector, jar: CookieJar, file_id: str, timeout: float) -> str:
-    """The URL that serves the file's bytes.
-
-    Small files come straight from ``GDRIVE_DOWNLOAD?id=..&export=download``. For large ones Drive answers
-    with an HTML warning page instead; the bytes then come from the page's form (its action URL with its
-    hidden fields: id, export, confirm, uuid) or, on older pages, from ``confirm=<token>`` where the token
-    is in a ``download_warning*`` cookie.
-    """
-    first = f"{GDRIVE_DOWNLOAD}?{urllib.parse.urlencode({'id': file_id, 'export': 'download'})}"
-    resp = _open(opener, first, timeout)
-    with resp:
-        if not _is_html(resp):
-            return first
-        try:
-            page = resp.read(2 << 20).decode("utf-8", "replace")
-        except (OSError, http.client.HTTPException) as e:
-            raise _NetFail(_cause(e)) from e
-    form = _DriveForm()
-    form.feed(page)
-    if form.action:  # current pages: hidden fields; older ones: everything in the action's query
-        action = urllib.parse.urljoin(first, form.action)
-        if not form.fields:
-            return action
-        return f"{action}{'&' if '?' in action else '?'}{urllib.parse.urlencode(form.fields)}"
-    for cookie in jar:
-        if cookie.name.startswith("download_warning"):
-            return f"{first}&{urllib.parse.urlencode({'confirm': cookie.value})}"
-    title = _one_line(form.title) or "no download form on it"
-    raise _NetFail(f"Google Drive answered with a web page instead of the file ({title!r}; the file may be "
-                   "over its download quota for today, or moved)")
-
-
-def _stream(opener: urllib.request.OpenerDirector, url: str, part: Path, timeout: float, label: str,
-            resume: bool, progress: bool) -> None:
-    """Fetch ``url`` into ``part``, appending to it (HTTP Range) when ``resume`` and it has bytes."""
-    have = part.stat().st_size if resume and part.exists() else 0
-    try:
-        resp = _open(opener, url, timeout, {"Range": f"bytes={have}-"} if have else None)
-    except _NetFail as e:
-        if not (have and isinstance(e.__cause__, urllib.error.HTTPError) and e.__cause__.code == 416):
-            raise
-        have = 0  # "range not satisfiable": the .part is complete or stale; start again
-        resp = _open(opener, url, timeout)
-    with resp:
-        if _is_html(resp):
-            raise _NetFail("the server answered with a web page instead of the file (moved or blocked?)")
-        total: Optional[int] = None
-        m = re.match(r"bytes (\d+)-\d+/(\d+)", resp.headers.get("Content-Range") or "")
-        if have and resp.status == 206 and m and int(m.group(1)) == have:
-            total = int(m.group(2))
-            _say(f"resuming {label} at {_size(have)}")
-        else:
-            have = 0  # no range support (or a fresh start): from the beginning
-            length = resp.headers.get("Content-Length")
-            total = int(length) if length and length.isdigit() else None
-        if total is not None:
-            free = shutil.disk_usage(part.parent).free
-            if total - have > free:
-                raise DataError(f"not enough disk space for {label}: {_size(total - have)} needed, "
-                                f"{_size(free)} free in {part.parent}; free space or choose another --data-dir")
-        bar = _Progress(label, total, have, progress)
-        try:
-            with open(part, "ab" if have else "wb") as f:
-                while True:
-                    try:
-                        chunk = resp.read(CHUNK)
-                    except (OSError, http.client.HTTPException) as e:
-                        raise _NetFail(f"{_cause(e)} after {_size(bar.done)}") from e
-                    if not chunk:
-                        break
-                    f.write(chunk)
-                    bar.update(len(chunk))
-        except OSError as e:
-            raise DataError(_one_line(f"cannot write {part}: {e.strerror or e}; free disk space or choose "
-                                      "another --data-dir")) from None
-        finally:
-            bar.close()
-    got = part.stat().st_size
-    if total is not None and got != total:
-        raise _NetFail(f"the connection ended at {_size(got)} of {_size(total)}")
-
-
-def _fetch(remote: Remote, dl_dir: Path, timeout: float, dest_hint: Path, progress: bool) -> Path:
-    """``<dl_dir>/<filename>``, downloaded unless it is already there. Tries every source in order."""
+def _fetch(remote: Remote, dl_dir: Path, timeout: float, dest_hint: Path, progress: bool) -> Tuple[Path, str]:
+    """``<dl_dir>/<filename>`` and its md5: downloaded unless it is already there; every source in order."""
     target = dl_dir / remote.filename
     if target.is_file():
         _say(f"using {target} (already downloaded)")
-        return target
-    part = dl_dir / f"{remote.filename}.part"
-    tag = dl_dir / f"{remote.filename}.part.src"
+        return target, _verify(target)
     failures: List[Tuple[str, str]] = []
     for source in remote.sources:
-        url = source
-        probe_url = GDRIVE_DOWNLOAD if remote.gdrive_id else source
-        cause = _probe(probe_url, min(timeout, PROBE_TIMEOUT))
-        if cause is not None:
-            failures.append((source, cause))
-            continue
-        same_source = part.exists() and tag.is_file() and tag.read_text().strip() == source
+        hasher = hashlib.md5()
+        _say(f"downloading {remote.filename} from {source}")
+        kwargs = {"timeout": timeout, "retries": RETRIES, "hasher": hasher}
         try:
-            jar = CookieJar()
-            opener = _opener(jar)
-            if remote.gdrive_id:
-                url = _resolve_gdrive(opener, jar, remote.gdrive_id, timeout)
-            tag.write_text(source + "\n")
-            _say(f"downloading {remote.filename} from {source}")
-            _stream(opener, url, part, timeout, remote.filename, same_source, progress)
-        except _NetFail as e:
-            failures.append((source, str(e)))
+            gdown.download(**({"id": remote.gdrive_id} if remote.gdrive_id else {"url": source}),
+                           output=str(target), quiet=not progress, resume=True,
+                           **{k: v for k, v in kwargs.items() if k in _GDOWN_PARAMS})
+        except (requests.RequestException, *_GDOWN_ERRORS) as e:
+            failures.append((source, _cause(e)))
             continue
-        os.replace(part, target)
-        tag.unlink(missing_ok=True)
-        return target
+        except OSError as e:
+            raise DataError(_one_line(f"cannot write {target}: {e.strerror or e}; free disk space or choose "
+                                      "another --data-dir")) from None
+        if not target.is_file():  # gdown 5 returns without a file when several .part files are there
+            failures.append((source, f"no file arrived (several {remote.filename}*.part in {dl_dir}? keep one)"))
+            continue
+        if _looks_like_a_web_page(target):
+            target.unlink()
+            failures.append((source, "the server answered with a web page instead of the file (moved or blocked?)"))
+            continue
+        return target, _verify(target, hasher.hexdigest() if "hasher" in _GDOWN_PARAMS else None)
     first, cause = failures[0]
     more = "".join(f"; mirror {u}: {c}" for u, c in failures[1:])
     raise DataError(_one_line(
@@ -421,28 +245,21 @@ def _fetch(remote: Remote, dl_dir: Path, timeout: float, dest_hint: Path, progre
 # Archives
 
 
-def _member_path(root: Path, name: str) -> Optional[Path]:
-    """Where an archive member goes under ``root``: None for macOS resource forks; an error for absolute
-    or ``..`` paths."""
+def _junk(name: str) -> bool:
+    """macOS resource forks and folder metadata, never unpacked."""
+    parts = PurePosixPath(name.replace("\\", "/")).parts
+    return not parts or parts[0] == "__MACOSX" or parts[-1].startswith("._") or parts[-1] == ".DS_Store"
+
+
+def _unsafe(name: str) -> DataError:
+    return DataError(f"unsafe path {name!r} in an archive; the download is not what was expected")
+
+
+def _check_inside(name: str) -> None:
+    """An archive member's name must stay inside the folder it is unpacked into."""
     norm = name.replace("\\", "/")
-    parts = [p for p in norm.split("/") if p not in ("", ".")]
-    if norm.startswith("/") or re.match(r"^[A-Za-z]:", norm) or ".." in parts:
-        raise DataError(f"unsafe path {name!r} in an archive; the download is not what was expected")
-    if not parts or parts[0] == "__MACOSX" or parts[-1].startswith("._") or parts[-1] == ".DS_Store":
-        return None
-    return root.joinpath(*parts)
-
-
-class _CountingReader:
-    """A read-only file wrapper that reports bytes read to a progress bar."""
-
-    def __init__(self, f: IO[bytes], bar: _Progress):
-        self._f, self._bar = f, bar
-
-    def read(self, n: int = -1) -> bytes:
-        b = self._f.read(n)
-        self._bar.update(len(b))
-        return b
+    if norm.startswith("/") or re.match(r"^[A-Za-z]:", norm) or ".." in PurePosixPath(norm).parts:
+        raise _unsafe(name)
 
 
 def _bad_archive(archive: Path, err: Union[str, BaseException]) -> DataError:
@@ -450,63 +267,66 @@ def _bad_archive(archive: Path, err: Union[str, BaseException]) -> DataError:
                                "it again"))
 
 
-def _tar_members(archive: Path, progress: bool) -> Iterator[Tuple[tarfile.TarInfo, tarfile.TarFile]]:
-    """The members of a (compressed) tar, read in one streaming pass, with progress over its bytes."""
-    bar = _Progress(f"reading {archive.name}", archive.stat().st_size, 0, progress)
-    try:
-        with open(archive, "rb") as raw:
-            with tarfile.open(fileobj=_CountingReader(raw, bar), mode="r|*") as tar:  # type: ignore[arg-type]
-                for member in tar:
-                    yield member, tar
-    except (tarfile.TarError, EOFError, OSError, zlib.error, lzma.LZMAError) as e:  # read side only
-        raise _bad_archive(archive, e) from None
-    finally:
-        bar.close()
+_READ_ERRORS = (tarfile.TarError, gzip.BadGzipFile, zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, zlib.error,
+                lzma.LZMAError)
+_FILTER_ERRORS = (tarfile.FilterError,) if hasattr(tarfile, "data_filter") else ()
 
 
-def _write_member(src: IO[bytes], dst: Path) -> None:
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    with open(dst, "wb") as out:
-        shutil.copyfileobj(src, out, CHUNK)
+def _tar_filter(member: tarfile.TarInfo, dest: str) -> Optional[tarfile.TarInfo]:
+    if _junk(member.name):
+        return None
+    _check_inside(member.name)  # absolute and ``..`` names are refused, not rewritten
+    if hasattr(tarfile, "data_filter"):
+        return tarfile.data_filter(member, dest)  # raises a FilterError for links out of dest, devices, ...
+    return member if member.isfile() or member.isdir() else None  # older Pythons: no links, no devices
+
+
+_DECOMPRESSORS = ((b"\x1f\x8b", lambda f: gzip.GzipFile(fileobj=f, mode="rb")), (b"BZh", bz2.BZ2File),
+                  (b"\xfd7zXZ\x00", lzma.LZMAFile))  # these raise EOFError on a truncated archive
+
+
+@contextlib.contextmanager
+def _open_tar(archive: Path, progress: bool, desc: str) -> Iterator[tarfile.TarFile]:
+    """One streaming pass over a (compressed) tar, with progress over its bytes."""
+    with contextlib.ExitStack() as stack:
+        raw = stack.enter_context(open(archive, "rb"))
+        head = raw.read(6)
+        raw.seek(0)
+        f = stack.enter_context(tqdm.wrapattr(raw, "read", total=archive.stat().st_size, desc=desc,
+                                              disable=not progress, file=sys.stderr))
+        decompress = next((d for magic, d in _DECOMPRESSORS if head.startswith(magic)), None)
+        if decompress is not None:
+            f = stack.enter_context(decompress(f))
+        yield stack.enter_context(tarfile.open(fileobj=f, mode="r|"))
 
 
 def extract(archive: Path, dest: Path, progress: bool = True) -> None:
-    """Unpack a zip or (gz/bz2/xz) tar into ``dest``: regular files and folders only, no links, no paths
-    outside ``dest``, no macOS resource forks."""
+    """Unpack a zip or (gz/bz2/xz) tar into ``dest``: nothing outside ``dest`` (an absolute or ``..`` member is
+    an error), no links out of it, no device files, no macOS resource forks."""
     dest.mkdir(parents=True, exist_ok=True)
-    if zipfile.is_zipfile(archive):
-        try:
+    try:
+        if zipfile.is_zipfile(archive):
             with zipfile.ZipFile(archive) as zf:
-                infos = zf.infolist()
-                bar = _Progress(f"unpacking {archive.name}", sum(i.file_size for i in infos), 0, progress)
-                try:
+                infos = [i for i in zf.infolist() if not _junk(i.filename)]
+                for info in infos:  # every name is checked before anything is written
+                    _check_inside(info.filename)
+                with tqdm(total=sum(i.file_size for i in infos), desc=f"unpacking {archive.name}", file=sys.stderr,
+                          disable=not progress, unit="B", unit_scale=True, unit_divisor=1024) as bar:
                     for info in infos:
-                        target = _member_path(dest, info.filename)
-                        if target is None:
-                            continue
-                        if info.is_dir():
-                            target.mkdir(parents=True, exist_ok=True)
-                            continue
-                        with zf.open(info) as src:
-                            _write_member(src, target)
+                        zf.extract(info, dest)
                         bar.update(info.file_size)
-                finally:
-                    bar.close()
-        except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, zlib.error) as e:
-            raise _bad_archive(archive, e) from None
-        return
-    if not tarfile.is_tarfile(archive):
-        raise _bad_archive(archive, "neither zip nor tar")
-    for member, tar in _tar_members(archive, progress):
-        target = _member_path(dest, member.name)
-        if target is None:
-            continue
-        if member.isdir():
-            target.mkdir(parents=True, exist_ok=True)
-        elif member.isfile():
-            src = tar.extractfile(member)
-            if src is not None:
-                _write_member(src, target)
+        elif tarfile.is_tarfile(archive):
+            with _open_tar(archive, progress, f"unpacking {archive.name}") as tar:
+                if hasattr(tarfile, "data_filter"):
+                    tar.extractall(dest, filter=_tar_filter)
+                else:
+                    tar.extractall(dest, members=(m for m in tar if _tar_filter(m, str(dest)) is not None))
+        else:
+            raise _bad_archive(archive, "neither zip nor tar")
+    except _FILTER_ERRORS as e:
+        raise _unsafe(e.tarinfo.name) from None
+    except _READ_ERRORS as e:
+        raise _bad_archive(archive, e) from None
 
 
 def _single_subfolder(root: Path) -> Optional[Path]:
@@ -550,8 +370,9 @@ def _terra_plan(annotations: dict) -> Dict[str, Set[str]]:
         images = {}
         for im in annotations["images"]:
             loc = str(im.get("location"))
-            if loc in TERRA_LOCATIONS:
-                images[im["id"]] = (loc, str(im["file_name"]).replace("\\", "/"))
+            fname = str(im["file_name"]).replace("\\", "/")
+            if loc in TERRA_LOCATIONS and fname.rsplit("/", 1)[-1] not in ("", ".", ".."):
+                images[im["id"]] = (loc, fname)
         plan: Dict[str, Set[str]] = {}
         for ann in annotations["annotations"]:
             hit = images.get(ann.get("image_id"))
@@ -569,8 +390,7 @@ def _read_terra_annotations(path: Path) -> dict:
     try:
         if zipfile.is_zipfile(path):
             with zipfile.ZipFile(path) as zf:
-                jsons = [i for i in zf.infolist() if i.filename.lower().endswith(".json")
-                         and _member_path(Path("."), i.filename) is not None]
+                jsons = [i for i in zf.infolist() if i.filename.lower().endswith(".json") and not _junk(i.filename)]
                 if not jsons:
                     raise DataError(f"{path} holds no .json annotation file; delete it and rerun")
                 with zf.open(max(jsons, key=lambda i: i.file_size)) as f:
@@ -583,7 +403,7 @@ def _read_terra_annotations(path: Path) -> dict:
 
 def _build_terra(files: List[Path], work: Path, progress: bool) -> Path:
     """Reorganise the Caltech Camera Traps images into ``location_<L>/<class>/`` (one pass over the tar,
-    writing only the images that are kept)."""
+    writing only the images that are kept, to paths made from the annotations, not from the tar)."""
     images_tar, annotations_file = files
     plan = _terra_plan(_read_terra_annotations(annotations_file))
     if not plan:
@@ -593,25 +413,28 @@ def _build_terra(files: List[Path], work: Path, progress: bool) -> Path:
     out = work / "terra_incognita"
     out.mkdir(parents=True)
     found: Set[str] = set()
-    for member, tar in _tar_members(images_tar, progress):
-        if not member.isfile():
-            continue
-        rel = member.name.replace("\\", "/").lstrip("./")
-        if rel.startswith(TERRA_IMAGES_DIR + "/"):
-            rel = rel[len(TERRA_IMAGES_DIR) + 1:]
-        key = rel if rel in plan else by_base.get(rel.rsplit("/", 1)[-1])
-        if key is None or key in found:
-            continue
-        src = tar.extractfile(member)
-        if src is None:
-            continue
-        targets = sorted(plan[key])
-        first = out / targets[0]
-        _write_member(src, first)
-        for t in targets[1:]:
-            (out / t).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(first, out / t)
-        found.add(key)
+    try:
+        with _open_tar(images_tar, progress, f"reading {images_tar.name}") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                parts = PurePosixPath(member.name.replace("\\", "/")).parts
+                parts = parts[1:] if parts[:1] == (TERRA_IMAGES_DIR,) else parts
+                rel = "/".join(parts)
+                key = rel if rel in plan else by_base.get(parts[-1] if parts else "")
+                src = tar.extractfile(member) if key is not None and key not in found else None
+                if src is None:
+                    continue
+                targets = sorted(plan[key])
+                for t in targets:
+                    (out / t).parent.mkdir(parents=True, exist_ok=True)
+                with open(out / targets[0], "wb") as dst:
+                    shutil.copyfileobj(src, dst, CHUNK)
+                for t in targets[1:]:
+                    shutil.copyfile(out / targets[0], out / t)
+                found.add(key)
+    except _READ_ERRORS as e:
+        raise _bad_archive(images_tar, e) from None
     if not found:
         raise DataError(f"{images_tar} holds none of the images its annotations list; delete it and rerun")
     missing = len(plan) - len(found)
@@ -705,24 +528,41 @@ def canonical_name(name: str) -> str:
 # Entry points
 
 
-def _write_marker(folder: Path, name: str, spec: Spec) -> None:
+def _write_marker(folder: Path, name: str, spec: Spec, md5s: Dict[str, str]) -> None:
     info = {
         "dataset": name,
         "folder": spec.folder,
         "domains": list(spec.envs),
         "sources": [s for r in spec.remotes for s in r.sources],
+        "md5": md5s,
+        "md5_verified": sorted(f for f in md5s if ARCHIVE_MD5.get(f)),
         "completed": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     (folder / MARKER).write_text(json.dumps(info, indent=1) + "\n")
+
+
+@contextlib.contextmanager
+def _lock(path: Path) -> Iterator[None]:
+    """An exclusive lock on ``path``, saying so when another process holds it."""
+    lock = filelock.FileLock(str(path))
+    try:
+        lock.acquire(timeout=0)
+    except filelock.Timeout:
+        _say(f"another process is downloading into the same folder; waiting for it ({path})")
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def download_dataset(name: str, data_dir: Union[str, Path], timeout: float = 20.0, *, keep_archives: bool = False,
                      progress: bool = True) -> Path:
     """Make sure ``<data_dir>/<folder>`` holds the dataset ``name`` in the DomainBed layout; return that folder.
 
-    ``timeout`` bounds each connection attempt and each read (seconds); the first connection check of each
-    host waits at most ``min(timeout, 5)``. Raises UsageError for an unknown name and DataError (one line:
-    URL, cause, fix) when the data cannot be fetched or unpacked.
+    ``timeout`` bounds each connection attempt and each wait for bytes (seconds; gdown 5, the last for Python
+    3.9, has no timeout and ignores it). Raises UsageError for an
+    unknown name and DataError (one line: URL, cause, fix) when the data cannot be fetched, verified or unpacked.
     """
     key = canonical_name(name)
     spec = SPECS[key]
@@ -744,7 +584,8 @@ def download_dataset(name: str, data_dir: Union[str, Path], timeout: float = 20.
             return final
         if final.exists():
             return _existing(final, spec)
-        files = [_fetch(r, dl_dir, timeout, final, progress) for r in spec.remotes]
+        fetched = [_fetch(r, dl_dir, timeout, final, progress) for r in spec.remotes]
+        files = [f for f, _ in fetched]
         work = root / f".{spec.folder}.partial"
         if work.exists():
             shutil.rmtree(work)  # a crashed earlier unpack: never trusted, redone from the archives
@@ -754,17 +595,17 @@ def download_dataset(name: str, data_dir: Union[str, Path], timeout: float = 20.
             try:
                 built = spec.build(files, work, progress)
             except OSError as e:
-                raise DataError(_one_line(f"cannot unpack {spec.folder} into {work}: {e.strerror or e}; free disk "
-                                          "space or choose another --data-dir")) from None
+                raise DataError(_one_line(f"cannot unpack {spec.folder} into {work}: {e.strerror or e}; free "
+                                          "disk space or choose another --data-dir")) from None
             missing = _missing_envs(built, spec.envs)
             if missing:
-                raise DataError(_one_line(f"the downloaded {spec.folder} lacks the domain folders {missing}; delete "
-                                          f"{dl_dir} and rerun, or unpack the dataset to {final} by hand"))
+                raise DataError(_one_line(f"the downloaded {spec.folder} lacks the domain folders {missing}; "
+                                          f"delete {dl_dir} and rerun, or unpack the dataset to {final} by hand"))
             extra = sorted(p.name for p in built.iterdir() if p.is_dir() and p.name not in spec.envs)
             if extra:
                 _say(f"warning: {final} also has the folders {extra}, which scmd would read as domains")
             try:
-                _write_marker(built, key, spec)
+                _write_marker(built, key, spec, {f.name: m for f, m in fetched})
                 os.replace(built, final)
             except OSError as e:
                 raise DataError(_one_line(f"cannot move the unpacked {spec.folder} to {final}: {e}")) from None
