@@ -1,5 +1,7 @@
 """Bad inputs give TypeError/ValueError naming the argument, never a crash."""
 
+import gzip
+
 import numpy as np
 import pytest
 
@@ -136,17 +138,38 @@ def test_index_bad_root(tmp_path):
         fastsel.index_domainbed(3)
 
 
-def test_tokenizer_bad_args():
+def test_tokenizer_bad_args(tmp_path):
     tok = fastsel.PromptTokenizer()
-    with pytest.raises(TypeError, match=r"texts\[1\] must be a str"):
+    with pytest.raises(TypeError, match=r"texts\[1\] must be a str, got int"):
         tok.tokenize(["a", 3])
+    with pytest.raises(TypeError, match="texts must be a list of str, got int"):
+        tok.tokenize(3)
     with pytest.raises(TypeError, match="classnames must be a list of str, not a str"):
         tok.batch("dog")
     with pytest.raises(ValueError, match="context_length"):
         tok.tokenize(["a"], 0)
-    with pytest.raises(ValueError, match="caf"):
-        tok.tokenize(["café"])
+    with pytest.raises(ValueError, match="context_length"):
+        tok.batch(["dog"], context_length=0)
+    # non-ASCII text is tokenised (tests/test_fastsel_prompts.py checks the ids against open_clip)
+    assert tok.tokenize(["café", "a\udc80"]).shape == (2, 77)
+    # class names and templates go to Rust as they are: a lone surrogate cannot
     with pytest.raises(ValueError, match="lone surrogate"):
-        tok.tokenize(["a\udc80"])
+        tok.batch(["a\udc80"])
     with pytest.raises(FileNotFoundError, match="missing.gz"):
         fastsel.PromptTokenizer("/nonexistent/missing.gz")
+    plain = tmp_path / "plain.txt.gz"
+    plain.write_text("#version\nh e\n")
+    with pytest.raises(ValueError, match="cannot decompress BPE vocabulary .*plain.txt.gz"):
+        fastsel.PromptTokenizer(plain)
+    latin1 = tmp_path / "latin1.txt.gz"
+    latin1.write_bytes(gzip.compress(b"#version\n\xe9 e\n"))
+    with pytest.raises(ValueError, match="latin1.txt.gz.* is not UTF-8 text"):
+        fastsel.PromptTokenizer(latin1)
+    tiny = tmp_path / "tiny.txt.gz"
+    tiny.write_bytes(gzip.compress(b"#version\nh e\n"))
+    small = fastsel.PromptTokenizer(tiny)
+    # 512 byte symbols, "he", "" (the empty last line, as in open_clip), then the special tokens
+    assert (small.vocab_size, small.sot_token_id, small.eot_token_id) == (516, 514, 515)
+    assert isinstance(small, fastsel.PromptTokenizer) and repr(small).startswith("PromptTokenizer(bpe_path=")
+    h = ord("h") - ord("!")  # byte symbols start at '!'
+    assert small.tokenize("HEH").tolist()[0][:5] == [514, 512, 256 + h, 515, 0]  # "he", "h</w>"

@@ -9,7 +9,6 @@ pub mod prompts;
 pub mod selection;
 pub mod tracker;
 
-use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
@@ -568,10 +567,11 @@ fn index_domainbed<'py>(py: Python<'py>, root: PathBuf) -> PyResult<Bound<'py, P
 // Prompts
 // ------------------------------------------------------------------------------------------------
 
-/// open_clip-exact tokenizer and prompt batcher (ASCII text; anything else raises ValueError).
+/// CLIP's BPE (open_clip's `SimpleTokenizer` without the text cleaning) and the prompt
+/// batcher; `fastsel.PromptTokenizer` subclasses it and cleans the text first.
 #[pyclass(module = "fastsel._fastsel", frozen, subclass)]
-struct PromptTokenizer {
-    inner: prompts::Tokenizer,
+struct ClipBpe {
+    inner: prompts::ClipBpe,
     path: PathBuf,
 }
 
@@ -640,7 +640,7 @@ fn ctx_len(context_length: i64) -> PyResult<usize> {
 /// Class names, templates and optional domain names of a `batch` call.
 type BatchArgs = (Vec<String>, Vec<String>, Option<Vec<String>>);
 
-impl PromptTokenizer {
+impl ClipBpe {
     fn gather(
         classnames: &Bound<'_, PyAny>,
         templates: Option<&Bound<'_, PyAny>>,
@@ -660,7 +660,7 @@ impl PromptTokenizer {
 }
 
 #[pymethods]
-impl PromptTokenizer {
+impl ClipBpe {
     #[new]
     #[pyo3(signature = (bpe_path = None))]
     fn new(py: Python<'_>, bpe_path: Option<PathBuf>) -> PyResult<Self> {
@@ -668,31 +668,13 @@ impl PromptTokenizer {
             Some(p) => p,
             None => default_bpe_path(py)?,
         };
-        let html5_obj = py.import("html.entities")?.getattr("html5")?;
-        let html5_dict = html5_obj.cast::<PyDict>()?;
-        let mut html5 = HashMap::with_capacity(html5_dict.len());
-        let mut upper = HashMap::new();
-        for (k, v) in html5_dict.iter() {
-            let name: String = k.extract()?;
-            let value: String = v.extract()?;
-            if name.ends_with(';') && name.is_ascii() && name == name.to_ascii_lowercase() {
-                let up: String = v.call_method0("upper")?.extract()?;
-                upper.insert(name.clone(), up);
-            }
-            html5.insert(name, value);
-        }
-        let p2 = path.clone();
-        let inner = py.detach(move || -> error::Result<prompts::Tokenizer> {
-            let bpe = prompts::Bpe::from_gz_file(&p2)?;
-            let ents = prompts::Entities::new(html5, &upper)?;
-            Ok(prompts::Tokenizer::new(bpe, ents))
-        })?;
-        Ok(PromptTokenizer { inner, path })
+        let inner = py.detach(|| prompts::ClipBpe::from_gz_file(&path))?;
+        Ok(ClipBpe { inner, path })
     }
 
-    /// Same ids as `open_clip.get_tokenizer('ViT-B-32')(texts)`, as an int64 array.
+    /// Ids of already cleaned texts, int64 `[len(texts), context_length]`.
     #[pyo3(signature = (texts, context_length = 77))]
-    fn tokenize<'py>(
+    fn tokenize_clean<'py>(
         &self,
         py: Python<'py>,
         texts: &Bound<'py, PyAny>,
@@ -714,32 +696,21 @@ impl PromptTokenizer {
         domain_names: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<Vec<String>> {
         let (c, t, d) = Self::gather(classnames, templates, domain_names)?;
-        Ok(prompts::Tokenizer::prompts(&c, &t, d.as_deref())?.0)
+        Ok(prompts::prompt_rows(&c, &t, d.as_deref())?.0)
     }
 
-    /// Tokens `[R, context_length]` and class index `[R]`, rows class-major (class, domain,
-    /// template).
-    #[pyo3(signature = (classnames, templates = None, domain_names = None, context_length = 77))]
-    fn batch<'py>(
+    /// The prompt strings of `batch` and the class index `[R]` of each row.
+    #[pyo3(signature = (classnames, templates = None, domain_names = None))]
+    fn prompt_rows<'py>(
         &self,
         py: Python<'py>,
         classnames: &Bound<'py, PyAny>,
         templates: Option<&Bound<'py, PyAny>>,
         domain_names: Option<&Bound<'py, PyAny>>,
-        context_length: i64,
-    ) -> PyResult<Bound<'py, PyTuple>> {
+    ) -> PyResult<(Vec<String>, Bound<'py, PyArray1<i64>>)> {
         let (c, t, d) = Self::gather(classnames, templates, domain_names)?;
-        let ctx = ctx_len(context_length)?;
-        let (ids, class_index, rows) = py.detach(|| -> error::Result<_> {
-            let (prompts, class_index) = prompts::Tokenizer::prompts(&c, &t, d.as_deref())?;
-            let ids = self.inner.tokenize(&prompts, ctx)?;
-            Ok((ids, class_index, prompts.len()))
-        })?;
-        let tokens = Array2::from_shape_vec((rows, ctx), ids)
-            .expect("shape matches")
-            .into_pyarray(py);
-        let classes = class_index.into_pyarray(py);
-        PyTuple::new(py, [tokens.into_any(), classes.into_any()])
+        let (prompts, class_index) = prompts::prompt_rows(&c, &t, d.as_deref())?;
+        Ok((prompts, class_index.into_pyarray(py)))
     }
 
     #[getter]
@@ -749,21 +720,22 @@ impl PromptTokenizer {
 
     #[getter]
     fn vocab_size(&self) -> usize {
-        self.inner.bpe.vocab_size
+        self.inner.vocab_size
     }
 
     #[getter]
     fn sot_token_id(&self) -> u32 {
-        self.inner.bpe.sot
+        self.inner.sot
     }
 
     #[getter]
     fn eot_token_id(&self) -> u32 {
-        self.inner.bpe.eot
+        self.inner.eot
     }
 
-    fn __repr__(&self) -> String {
-        format!("PromptTokenizer(bpe_path={:?})", self.path)
+    fn __repr__(slf: &Bound<'_, Self>) -> PyResult<String> {
+        let name = slf.get_type().name()?;
+        Ok(format!("{name}(bpe_path={:?})", slf.get().path))
     }
 }
 
@@ -782,6 +754,6 @@ fn _fastsel(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(topk_per_domain, m)?)?;
     m.add_function(wrap_pyfunction!(index_domainbed, m)?)?;
     m.add_class::<Tracker>()?;
-    m.add_class::<PromptTokenizer>()?;
+    m.add_class::<ClipBpe>()?;
     Ok(())
 }

@@ -1,6 +1,7 @@
 """fastsel: CPU-side helpers for SCMD (dataset indexing, prompt batching, hard-sample selection).
 
-Implemented in Rust (``fastsel._fastsel``); see ``_fastsel.pyi`` for the API and the exactness contracts.
+Implemented in Rust (``fastsel._fastsel``; see ``_fastsel.pyi`` for the API and the exactness contracts), except
+the text cleaning of ``PromptTokenizer``, which stays in Python like open_clip's (``fastsel._prompts``).
 """
 
 from __future__ import annotations
@@ -9,7 +10,6 @@ from fastsel._fastsel import (
     DEFAULT_CONTEXT_LENGTH,
     IMAGENET_TEMPLATES,
     SCMD_TEMPLATE,
-    PromptTokenizer,
     Tracker,
     __version__,
     _noop,
@@ -17,6 +17,7 @@ from fastsel._fastsel import (
     topk_desc,
     topk_per_domain,
 )
+from fastsel._prompts import PromptTokenizer
 
 __all__ = [
     "DEFAULT_CONTEXT_LENGTH",

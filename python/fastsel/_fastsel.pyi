@@ -130,16 +130,18 @@ def index_domainbed(root: StrPath) -> Dict[str, list]:
 
 # --- prompts --------------------------------------------------------------------------------
 
-class PromptTokenizer:
-    """open_clip ``SimpleTokenizer`` (ViT-B-32 settings) reproduced exactly, or refused.
+class ClipBpe:
+    """CLIP's BPE exactly as open_clip's ``SimpleTokenizer`` (ViT-B-32 settings) applies it to text that is
+    already cleaned; ``fastsel.PromptTokenizer`` subclasses it and does open_clip's cleaning first.
 
-    ASCII text is supported, including the effects of ftfy/HTML unescaping on it (``&amp;``,
-    ``&#39;``, control characters, ...). Text that is not ASCII, or whose cleaning would produce
-    non-ASCII characters (``&eacute;``, ``&rsquo;``), raises ValueError naming the string.
+    Built with HuggingFace ``tokenizers``: a ``Split`` pre-tokenizer with open_clip's regex, a ``ByteLevel``
+    step and a ``BPE`` model (end-of-word suffix ``</w>``) over open_clip's vocabulary. Any text is accepted.
     """
 
     def __init__(self, bpe_path: Optional[StrPath] = None) -> None:
-        """``bpe_path`` defaults to open_clip's installed ``bpe_simple_vocab_16e6.txt.gz``."""
+        """``bpe_path`` defaults to open_clip's installed ``bpe_simple_vocab_16e6.txt.gz``. A missing file
+        raises FileNotFoundError (PermissionError / OSError for other I/O failures), a file that is not a
+        gzip of UTF-8 text ValueError; the message names the path."""
     @property
     def bpe_path(self) -> Path: ...
     @property
@@ -148,32 +150,23 @@ class PromptTokenizer:
     def sot_token_id(self) -> int: ...
     @property
     def eot_token_id(self) -> int: ...
-    def tokenize(
+    def tokenize_clean(
         self, texts: Union[str, Sequence[str]], context_length: int = 77
     ) -> npt.NDArray[np.int64]:
-        """``open_clip.get_tokenizer('ViT-B-32')(texts, context_length)`` as an int64 array
-        ``[len(texts), context_length]`` (too long: first ``context_length`` ids, end token
-        last). ``context_length >= 1``."""
+        """Ids of texts already cleaned like open_clip's ``_clean_lower`` (``fastsel._prompts.clean_lower``),
+        int64 ``[len(texts), context_length]``: start token, BPE ids, end token, zero padding; too long:
+        the first ``context_length`` ids with the end token last. ``context_length >= 1``."""
     def prompts(
         self,
         classnames: Sequence[str],
         templates: Union[str, Sequence[str], None] = None,
         domain_names: Optional[Sequence[str]] = None,
     ) -> List[str]:
-        """The prompt strings of ``batch`` in row order."""
-    def batch(
+        """The prompt strings of ``PromptTokenizer.batch`` in row order."""
+    def prompt_rows(
         self,
         classnames: Sequence[str],
         templates: Union[str, Sequence[str], None] = None,
         domain_names: Optional[Sequence[str]] = None,
-        context_length: int = 77,
-    ) -> Tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
-        """Tokens ``[R, context_length]`` and ``class_index [R]``.
-
-        Class (and domain) names get ``_`` replaced by a space. Prompt =
-        ``template.format(name)`` or, with domains, ``template.format(name, domain=d)``; only
-        the fields ``{}``/``{0}`` (class name), ``{domain}`` and the escapes ``{{``/``}}`` are
-        supported. Rows are class-major: for each class, for each domain, for each template.
-        ``templates`` defaults to ``[SCMD_TEMPLATE]``; with ``domain_names`` every template must
-        contain ``{domain}``.
-        """
+    ) -> Tuple[List[str], npt.NDArray[np.int64]]:
+        """The prompt strings of ``PromptTokenizer.batch`` and the class index (int64) of each row."""
