@@ -643,14 +643,11 @@ type BatchArgs = (Vec<String>, Vec<String>, Option<Vec<String>>);
 impl ClipBpe {
     fn gather(
         classnames: &Bound<'_, PyAny>,
-        templates: Option<&Bound<'_, PyAny>>,
+        templates: &Bound<'_, PyAny>,
         domain_names: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<BatchArgs> {
         let classes = str_list(classnames, "classnames", false)?;
-        let templates = match templates {
-            Some(t) if !t.is_none() => str_list(t, "templates", true)?,
-            _ => vec![prompts::SCMD_TEMPLATE.to_string()],
-        };
+        let templates = str_list(templates, "templates", true)?;
         let domains = match domain_names {
             Some(d) if !d.is_none() => Some(str_list(d, "domain_names", false)?),
             _ => None,
@@ -688,11 +685,11 @@ impl ClipBpe {
     }
 
     /// The prompt strings of `batch`, in row order.
-    #[pyo3(signature = (classnames, templates = None, domain_names = None))]
+    #[pyo3(signature = (classnames, templates, domain_names = None))]
     fn prompts(
         &self,
         classnames: &Bound<'_, PyAny>,
-        templates: Option<&Bound<'_, PyAny>>,
+        templates: &Bound<'_, PyAny>,
         domain_names: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<Vec<String>> {
         let (c, t, d) = Self::gather(classnames, templates, domain_names)?;
@@ -700,12 +697,12 @@ impl ClipBpe {
     }
 
     /// The prompt strings of `batch` and the class index `[R]` of each row.
-    #[pyo3(signature = (classnames, templates = None, domain_names = None))]
+    #[pyo3(signature = (classnames, templates, domain_names = None))]
     fn prompt_rows<'py>(
         &self,
         py: Python<'py>,
         classnames: &Bound<'py, PyAny>,
-        templates: Option<&Bound<'py, PyAny>>,
+        templates: &Bound<'py, PyAny>,
         domain_names: Option<&Bound<'py, PyAny>>,
     ) -> PyResult<(Vec<String>, Bound<'py, PyArray1<i64>>)> {
         let (c, t, d) = Self::gather(classnames, templates, domain_names)?;
@@ -743,7 +740,6 @@ impl ClipBpe {
 fn _fastsel(m: &Bound<'_, PyModule>) -> PyResult<()> {
     let py = m.py();
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
-    m.add("SCMD_TEMPLATE", prompts::SCMD_TEMPLATE)?;
     m.add(
         "IMAGENET_TEMPLATES",
         PyTuple::new(py, prompts::IMAGENET_TEMPLATES)?,

@@ -40,9 +40,6 @@ pub const DEFAULT_CONTEXT_LENGTH: usize = 77;
 /// Number of merges open_clip reads from the vocabulary file (`merges[1:49152-256-2+1]`).
 const N_MERGES: usize = 49152 - 256 - 2;
 
-/// SCMD's prompt: "this is a photo of a {name}".
-pub const SCMD_TEMPLATE: &str = "this is a photo of a {}";
-
 /// The 80 prompt templates CLIP used for ImageNet zero-shot classification.
 pub const IMAGENET_TEMPLATES: [&str; 80] = [
     "a bad photo of a {}.",

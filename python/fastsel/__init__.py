@@ -9,7 +9,6 @@ from __future__ import annotations
 from fastsel._fastsel import (
     DEFAULT_CONTEXT_LENGTH,
     IMAGENET_TEMPLATES,
-    SCMD_TEMPLATE,
     Tracker,
     __version__,
     _noop,
@@ -22,7 +21,6 @@ from fastsel._prompts import PromptTokenizer
 __all__ = [
     "DEFAULT_CONTEXT_LENGTH",
     "IMAGENET_TEMPLATES",
-    "SCMD_TEMPLATE",
     "PromptTokenizer",
     "Tracker",
     "__version__",

@@ -14,8 +14,6 @@ import numpy as np
 import numpy.typing as npt
 
 __version__: str
-SCMD_TEMPLATE: str
-"""SCMD's prompt, ``"this is a photo of a {}"``."""
 IMAGENET_TEMPLATES: Tuple[str, ...]
 """CLIP's 80 ImageNet prompt templates (``{}`` = class name)."""
 DEFAULT_CONTEXT_LENGTH: int
@@ -159,14 +157,14 @@ class ClipBpe:
     def prompts(
         self,
         classnames: Sequence[str],
-        templates: Union[str, Sequence[str], None] = None,
+        templates: Union[str, Sequence[str]],
         domain_names: Optional[Sequence[str]] = None,
     ) -> List[str]:
         """The prompt strings of ``PromptTokenizer.batch`` in row order."""
     def prompt_rows(
         self,
         classnames: Sequence[str],
-        templates: Union[str, Sequence[str], None] = None,
+        templates: Union[str, Sequence[str]],
         domain_names: Optional[Sequence[str]] = None,
     ) -> Tuple[List[str], npt.NDArray[np.int64]]:
         """The prompt strings of ``PromptTokenizer.batch`` and the class index (int64) of each row."""

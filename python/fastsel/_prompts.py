@@ -80,7 +80,7 @@ class PromptTokenizer(ClipBpe):
     def batch(
         self,
         classnames: Sequence[str],
-        templates: Union[str, Sequence[str], None] = None,
+        templates: Union[str, Sequence[str]],
         domain_names: Optional[Sequence[str]] = None,
         context_length: int = 77,
     ) -> Tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
@@ -89,8 +89,7 @@ class PromptTokenizer(ClipBpe):
         Class (and domain) names get ``_`` replaced by a space. Prompt = ``template.format(name)`` or, with
         domains, ``template.format(name, domain=d)``; only the fields ``{}``/``{0}`` (class name), ``{domain}``
         and the escapes ``{{``/``}}`` are supported. Rows are class-major: for each class, for each domain, for
-        each template. ``templates`` defaults to ``[SCMD_TEMPLATE]``; with ``domain_names`` every template must
-        contain ``{domain}``.
+        each template. With ``domain_names`` every template must contain ``{domain}``.
         """
         prompts, class_index = self.prompt_rows(classnames, templates, domain_names)
         return self.tokenize_clean([clean_lower(p) for p in prompts], context_length), class_index
