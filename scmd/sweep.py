@@ -650,4 +650,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # run the imported module's main, not this __main__ copy: submitit pickles SlurmRun by reference to
+    # scmd.sweep then (by value, a class of __main__ drags this module's locks and events along and fails)
+    from scmd import sweep as _module
+
+    try:
+        sys.exit(_module.main())
+    except BrokenPipeError:  # the reader of stdout went away (e.g. `| head`): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)

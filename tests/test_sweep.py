@@ -142,18 +142,22 @@ def test_local_sweep_stopped_and_launched_again_resumes_and_skips_finished_runs(
 
 @pytest.mark.slow
 def test_submitit_local_executor_runs_a_sweep(tmp_path, data_dir):
+    """As a user starts it (`python -m scmd.sweep launch --launcher slurm`, here with submitit's local executor):
+    the job array is pickled from the scmd.sweep module, runs, and its run folder ends done."""
     pytest.importorskip("submitit")
     out = tmp_path / "sweep"
-    a = sweep.parse(["launch", "--algorithms", "erm", "--test-envs", "2", "--n-hparams", "1", "--n-trials", "1",
-                     "--steps", "12", "--data-dir", str(data_dir), "--output-dir", str(out), "--launcher", "slurm",
-                     "--submitit-cluster", "local", "--", "--world-per-class", "6", "--checkpoint-freq", "5"])
-    runs = sweep.plan(a)
-    for r in runs:
-        Path(r.out).mkdir(parents=True, exist_ok=True)
-    jobs = sweep.launch_slurm(runs, a)
-    assert [j.result() for j in jobs] == [0]
-    assert sweep.state(Path(runs[0].out)) == "done"
-    assert [r["step"] for r in O.read_records(Path(runs[0].out) / O.RESULTS)] == [0, 5, 10, 11]
+    argv = ["launch", "--algorithms", "erm", "--test-envs", "2", "--n-hparams", "1", "--n-trials", "1",
+            "--steps", "12", "--data-dir", str(data_dir), "--output-dir", str(out), "--launcher", "slurm",
+            "--submitit-cluster", "local", "--", "--world-per-class", "6", "--checkpoint-freq", "5"]
+    r = subprocess.run([sys.executable, "-m", "scmd.sweep", *argv], cwd=ROOT, env=ENV, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "submitted 1 runs as job array" in r.stdout
+    (run,) = sweep.plan(sweep.parse(argv))
+    deadline = time.time() + 600
+    while sweep.state(Path(run.out)) != "done" and time.time() < deadline:
+        time.sleep(1)
+    assert sweep.state(Path(run.out)) == "done"
+    assert [r["step"] for r in O.read_records(Path(run.out) / O.RESULTS)] == [0, 5, 10, 11]
 
 
 # ---------------------------------------------------------------------------------------------------------
