@@ -90,12 +90,16 @@ def main(argv=None) -> dict:
     if a.steps < 1 or a.window < 1:
         raise SystemExit("stale_selection: --steps and --window must be >= 1")
     probe = Probe(a.window)
-    S.SCMDTrainer.update = probe.wrap(S.SCMDTrainer.update)
-    with tempfile.TemporaryDirectory() as tmp:
-        code = S.main(["--dataset", a.dataset, "--data-dir", a.data_dir, "--test-env", str(a.test_env), "--seed",
-                       str(a.seed), "--trial-seed", str(a.seed), "--steps", str(a.steps), "--checkpoint-freq",
-                       str(10**6), "--selection-losses", "stale", "--no-progress", "--output-dir", tmp]
-                      + (["--world-per-class", str(a.world_per_class)] if a.world_per_class else []))
+    update = S.SCMDTrainer.update
+    S.SCMDTrainer.update = probe.wrap(update)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            code = S.main(["--dataset", a.dataset, "--data-dir", a.data_dir, "--test-env", str(a.test_env), "--seed",
+                           str(a.seed), "--trial-seed", str(a.seed), "--steps", str(a.steps), "--checkpoint-freq",
+                           str(10**6), "--selection-losses", "stale", "--no-progress", "--output-dir", tmp]
+                          + (["--world-per-class", str(a.world_per_class)] if a.world_per_class else []))
+    finally:
+        S.SCMDTrainer.update = update  # (a caller in the same process trains unprobed again)
     if code != 0 or not probe.rows:
         raise SystemExit(f"stale_selection: the run failed ({code}) or never selected")
     windows = []
