@@ -144,17 +144,13 @@ def test_tokenizer_bad_args(tmp_path):
         tok.tokenize(["a", 3])
     with pytest.raises(TypeError, match="texts must be a list of str, got int"):
         tok.tokenize(3)
-    with pytest.raises(TypeError, match="classnames must be a list of str, not a str"):
-        tok.batch("dog", ["a {}"])
     with pytest.raises(ValueError, match="context_length"):
         tok.tokenize(["a"], 0)
-    with pytest.raises(ValueError, match="context_length"):
-        tok.batch(["dog"], ["a {}"], context_length=0)
     # non-ASCII text is tokenised (tests/test_fastsel_prompts.py checks the ids against open_clip)
     assert tok.tokenize(["café", "a\udc80"]).shape == (2, 77)
-    # class names and templates go to Rust as they are: a lone surrogate cannot
+    # tokenize_clean hands the text to Rust as it is: a lone surrogate cannot go
     with pytest.raises(ValueError, match="lone surrogate"):
-        tok.batch(["a\udc80"], ["a {}"])
+        tok.tokenize_clean(["a\udc80"])
     with pytest.raises(FileNotFoundError, match="missing.gz"):
         fastsel.PromptTokenizer("/nonexistent/missing.gz")
     plain = tmp_path / "plain.txt.gz"

@@ -15,11 +15,13 @@ import unicodedata
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from fastsel._prompts import clean_lower
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import fastsel
 import scmd_ref
+from scmd.models import class_prompts
 
 open_clip = pytest.importorskip("open_clip")
 
@@ -92,23 +94,6 @@ def ref():
     return open_clip.get_tokenizer("ViT-B-32")
 
 
-def ref_batch(ref, classnames, templates, domains=None, ctx=77):
-    prompts, cls = [], []
-    for c, name in enumerate(classnames):
-        name = name.replace("_", " ")
-        for d in [None] if domains is None else [x.replace("_", " ") for x in domains]:
-            for t in templates:
-                prompts.append(t.format(name) if d is None else t.format(name, domain=d))
-                cls.append(c)
-    return ref(prompts, context_length=ctx).numpy(), np.array(cls, np.int64), prompts
-
-
-def test_templates_are_open_clips():
-    from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
-
-    assert list(fastsel.IMAGENET_TEMPLATES) == [t("{}") for t in OPENAI_IMAGENET_TEMPLATES]
-
-
 def test_vocab_and_special_ids(tok, ref):
     assert tok.vocab_size == ref.vocab_size == 49408
     assert (tok.sot_token_id, tok.eot_token_id) == (49406, 49407) == (ref.sot_token_id, ref.eot_token_id)
@@ -118,28 +103,20 @@ def test_vocab_and_special_ids(tok, ref):
     "classes", [VLCS, PACS, OFFICE_HOME, TERRA, DOMAINNET], ids=["VLCS", "PACS", "OfficeHome", "TerraInc", "DomainNet"]
 )
 def test_dataset_classes_scmd_and_ensemble(tok, ref, classes):
-    templates = [scmd_ref.SCMD_PROMPT, *fastsel.IMAGENET_TEMPLATES]  # the prompt a run distils from, first
-    if len(classes) > 100:
-        templates = templates[:12]
-    tokens, cls = tok.batch(classes, templates)
-    want, want_cls, _ = ref_batch(ref, classes, templates)
-    np.testing.assert_array_equal(tokens, want)
-    np.testing.assert_array_equal(cls, want_cls)
-    assert tokens.dtype == np.int64 and cls.dtype == np.int64
+    from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
+
+    # the prompt a run distils from (formatted as the product does), then CLIP's ImageNet ensemble
+    prompts = class_prompts(scmd_ref.SCMD_PROMPT, classes)
+    templates = OPENAI_IMAGENET_TEMPLATES[: 12 if len(classes) > 100 else None]
+    prompts += [t(c.replace("_", " ")) for c in classes for t in templates]
+    tokens = tok.tokenize(prompts)
+    np.testing.assert_array_equal(tokens, ref(prompts).numpy())
+    assert tokens.dtype == np.int64
 
 
-def test_domain_templates(tok, ref):
-    templates = ["a {domain} of a {}.", "{0}, seen as {domain}"]
-    tokens, cls = tok.batch(PACS, templates, domain_names=DOMAINS[4:8])
-    want, want_cls, prompts = ref_batch(ref, PACS, templates, DOMAINS[4:8])
-    np.testing.assert_array_equal(tokens, want)
-    np.testing.assert_array_equal(cls, want_cls)
-    assert tok.prompts(PACS, templates, DOMAINS[4:8]) == prompts
-    assert prompts[:3] == ["a art painting of a dog.", "dog, seen as art painting", "a cartoon of a dog."]
-    with pytest.raises(ValueError, match="no {domain} field"):
-        tok.batch(PACS, ["a {}"], domain_names=["x"])
-    with pytest.raises(ValueError, match="no domain_names"):
-        tok.batch(PACS, ["a {domain} {}"])
+def test_domain_names_as_text(tok, ref):
+    prompts = [f"a {d.replace('_', ' ')} of a {c}." for c in PACS for d in DOMAINS]
+    np.testing.assert_array_equal(tok.tokenize(prompts), ref(prompts).numpy())
 
 
 def test_truncation_and_context_length(tok, ref):
@@ -321,6 +298,9 @@ UNICODE_TEXT = st.lists(st.one_of(st.sampled_from(WORDS + FRAGMENTS), ASSIGNED),
 @settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(UNICODE_TEXT, min_size=1, max_size=4), st.sampled_from([77, 8, 3]))
 def test_exact_on_unicode(tok, ref, texts, ctx):
+    # ftfy can turn assigned input into an unassigned code point (mojibake "Ö\x8b" -> U+058B, a letter only to
+    # an engine with newer Unicode tables than Python's): outside the contract of the module docstring
+    assume(all(unicodedata.category(c) != "Cn" for t in texts for c in clean_lower(t)))
     np.testing.assert_array_equal(tok.tokenize(texts, ctx), ref(texts, context_length=ctx).numpy())
 
 
@@ -351,43 +331,6 @@ PRINTABLE = st.text(st.characters(min_codepoint=32, max_codepoint=126, exclude_c
 @given(st.lists(PRINTABLE, min_size=1, max_size=5))
 def test_printable_ascii(tok, ref, texts):
     np.testing.assert_array_equal(tok.tokenize(texts), ref(texts).numpy())
-
-
-NAME = st.one_of(
-    st.text(st.characters(min_codepoint=32, max_codepoint=126), min_size=1, max_size=15),
-    st.text(ASSIGNED, min_size=1, max_size=10),
-)
-TEMPLATE = st.lists(
-    st.one_of(
-        st.sampled_from(["{}", "{0}", "{{", "}}", "{domain}", "{1}", "{x}", "{:>5}", "{", "}"]),
-        st.text(st.characters(min_codepoint=32, max_codepoint=126, exclude_characters="{}"), max_size=8),
-        st.text(st.characters(exclude_categories=("Cn", "Cs"), exclude_characters="{}"), max_size=4),
-    ),
-    max_size=5,
-).map("".join)
-
-
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(
-    st.lists(NAME, min_size=1, max_size=4),
-    st.lists(TEMPLATE, min_size=1, max_size=3),
-    st.one_of(st.none(), st.lists(NAME, min_size=1, max_size=2)),
-)
-def test_generated_names_and_templates(tok, ref, names, templates, domains):
-    try:
-        want, want_cls, _ = ref_batch(ref, names, templates, domains)
-    except (ValueError, IndexError, KeyError):
-        with pytest.raises(ValueError):
-            tok.batch(names, templates, domain_names=domains)
-        return
-    try:
-        tokens, cls = tok.batch(names, templates, domain_names=domains)
-    except ValueError as e:
-        # allowed refusals: an unsupported field, or a domain template list where some template lacks {domain}
-        assert "template" in str(e)
-        return
-    np.testing.assert_array_equal(tokens, want)
-    np.testing.assert_array_equal(cls, want_cls)
 
 
 def test_every_html5_entity(tok, ref):

@@ -23,7 +23,7 @@ use pyo3::exceptions::{
     PyValueError,
 };
 use pyo3::prelude::*;
-use pyo3::types::{PyDict, PyList, PyString, PyTuple};
+use pyo3::types::{PyDict, PyList, PyString};
 
 use crate::error::Error;
 
@@ -567,8 +567,8 @@ fn index_domainbed<'py>(py: Python<'py>, root: PathBuf) -> PyResult<Bound<'py, P
 // Prompts
 // ------------------------------------------------------------------------------------------------
 
-/// CLIP's BPE (open_clip's `SimpleTokenizer` without the text cleaning) and the prompt
-/// batcher; `fastsel.PromptTokenizer` subclasses it and cleans the text first.
+/// CLIP's BPE (open_clip's `SimpleTokenizer` without the text cleaning);
+/// `fastsel.PromptTokenizer` subclasses it and cleans the text first.
 #[pyclass(module = "fastsel._fastsel", frozen, subclass)]
 struct ClipBpe {
     inner: prompts::ClipBpe,
@@ -593,14 +593,9 @@ fn default_bpe_path(py: Python<'_>) -> PyResult<PathBuf> {
 }
 
 /// A list of str from a str (one item) or an iterable of str.
-fn str_list(obj: &Bound<'_, PyAny>, name: &str, allow_single: bool) -> PyResult<Vec<String>> {
+fn str_list(obj: &Bound<'_, PyAny>, name: &str) -> PyResult<Vec<String>> {
     if let Ok(s) = obj.cast::<PyString>() {
-        if allow_single {
-            return Ok(vec![s.to_cow()?.into_owned()]);
-        }
-        return Err(PyTypeError::new_err(format!(
-            "{name} must be a list of str, not a str"
-        )));
+        return Ok(vec![s.to_cow()?.into_owned()]);
     }
     let iter = obj.try_iter().map_err(|_| {
         PyTypeError::new_err(format!(
@@ -637,25 +632,6 @@ fn ctx_len(context_length: i64) -> PyResult<usize> {
     Ok(context_length as usize)
 }
 
-/// Class names, templates and optional domain names of a `batch` call.
-type BatchArgs = (Vec<String>, Vec<String>, Option<Vec<String>>);
-
-impl ClipBpe {
-    fn gather(
-        classnames: &Bound<'_, PyAny>,
-        templates: &Bound<'_, PyAny>,
-        domain_names: Option<&Bound<'_, PyAny>>,
-    ) -> PyResult<BatchArgs> {
-        let classes = str_list(classnames, "classnames", false)?;
-        let templates = str_list(templates, "templates", true)?;
-        let domains = match domain_names {
-            Some(d) if !d.is_none() => Some(str_list(d, "domain_names", false)?),
-            _ => None,
-        };
-        Ok((classes, templates, domains))
-    }
-}
-
 #[pymethods]
 impl ClipBpe {
     #[new]
@@ -677,37 +653,11 @@ impl ClipBpe {
         texts: &Bound<'py, PyAny>,
         context_length: i64,
     ) -> PyResult<Bound<'py, PyArray2<i64>>> {
-        let texts = str_list(texts, "texts", true)?;
+        let texts = str_list(texts, "texts")?;
         let ctx = ctx_len(context_length)?;
         let ids = py.detach(|| self.inner.tokenize(&texts, ctx))?;
         let a = Array2::from_shape_vec((texts.len(), ctx), ids).expect("shape matches");
         Ok(a.into_pyarray(py))
-    }
-
-    /// The prompt strings of `batch`, in row order.
-    #[pyo3(signature = (classnames, templates, domain_names = None))]
-    fn prompts(
-        &self,
-        classnames: &Bound<'_, PyAny>,
-        templates: &Bound<'_, PyAny>,
-        domain_names: Option<&Bound<'_, PyAny>>,
-    ) -> PyResult<Vec<String>> {
-        let (c, t, d) = Self::gather(classnames, templates, domain_names)?;
-        Ok(prompts::prompt_rows(&c, &t, d.as_deref())?.0)
-    }
-
-    /// The prompt strings of `batch` and the class index `[R]` of each row.
-    #[pyo3(signature = (classnames, templates, domain_names = None))]
-    fn prompt_rows<'py>(
-        &self,
-        py: Python<'py>,
-        classnames: &Bound<'py, PyAny>,
-        templates: &Bound<'py, PyAny>,
-        domain_names: Option<&Bound<'py, PyAny>>,
-    ) -> PyResult<(Vec<String>, Bound<'py, PyArray1<i64>>)> {
-        let (c, t, d) = Self::gather(classnames, templates, domain_names)?;
-        let (prompts, class_index) = prompts::prompt_rows(&c, &t, d.as_deref())?;
-        Ok((prompts, class_index.into_pyarray(py)))
     }
 
     #[getter]
@@ -738,13 +688,7 @@ impl ClipBpe {
 
 #[pymodule]
 fn _fastsel(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    let py = m.py();
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
-    m.add(
-        "IMAGENET_TEMPLATES",
-        PyTuple::new(py, prompts::IMAGENET_TEMPLATES)?,
-    )?;
-    m.add("DEFAULT_CONTEXT_LENGTH", prompts::DEFAULT_CONTEXT_LENGTH)?;
     m.add_function(wrap_pyfunction!(_noop, m)?)?;
     m.add_function(wrap_pyfunction!(topk_desc, m)?)?;
     m.add_function(wrap_pyfunction!(topk_per_domain, m)?)?;

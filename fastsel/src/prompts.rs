@@ -1,4 +1,4 @@
-//! Prompt batching with tokenisation identical to open_clip's `SimpleTokenizer` (CLIP BPE,
+//! Tokenisation identical to open_clip's `SimpleTokenizer` (CLIP BPE,
 //! `clean='lower'`, context 77, truncation keeps the first `context_length` ids and puts the
 //! end token last).
 //!
@@ -36,93 +36,8 @@ use crate::error::{Error, Result};
 
 pub const SOT: &str = "<start_of_text>";
 pub const EOT: &str = "<end_of_text>";
-pub const DEFAULT_CONTEXT_LENGTH: usize = 77;
 /// Number of merges open_clip reads from the vocabulary file (`merges[1:49152-256-2+1]`).
 const N_MERGES: usize = 49152 - 256 - 2;
-
-/// The 80 prompt templates CLIP used for ImageNet zero-shot classification.
-pub const IMAGENET_TEMPLATES: [&str; 80] = [
-    "a bad photo of a {}.",
-    "a photo of many {}.",
-    "a sculpture of a {}.",
-    "a photo of the hard to see {}.",
-    "a low resolution photo of the {}.",
-    "a rendering of a {}.",
-    "graffiti of a {}.",
-    "a bad photo of the {}.",
-    "a cropped photo of the {}.",
-    "a tattoo of a {}.",
-    "the embroidered {}.",
-    "a photo of a hard to see {}.",
-    "a bright photo of a {}.",
-    "a photo of a clean {}.",
-    "a photo of a dirty {}.",
-    "a dark photo of the {}.",
-    "a drawing of a {}.",
-    "a photo of my {}.",
-    "the plastic {}.",
-    "a photo of the cool {}.",
-    "a close-up photo of a {}.",
-    "a black and white photo of the {}.",
-    "a painting of the {}.",
-    "a painting of a {}.",
-    "a pixelated photo of the {}.",
-    "a sculpture of the {}.",
-    "a bright photo of the {}.",
-    "a cropped photo of a {}.",
-    "a plastic {}.",
-    "a photo of the dirty {}.",
-    "a jpeg corrupted photo of a {}.",
-    "a blurry photo of the {}.",
-    "a photo of the {}.",
-    "a good photo of the {}.",
-    "a rendering of the {}.",
-    "a {} in a video game.",
-    "a photo of one {}.",
-    "a doodle of a {}.",
-    "a close-up photo of the {}.",
-    "a photo of a {}.",
-    "the origami {}.",
-    "the {} in a video game.",
-    "a sketch of a {}.",
-    "a doodle of the {}.",
-    "a origami {}.",
-    "a low resolution photo of a {}.",
-    "the toy {}.",
-    "a rendition of the {}.",
-    "a photo of the clean {}.",
-    "a photo of a large {}.",
-    "a rendition of a {}.",
-    "a photo of a nice {}.",
-    "a photo of a weird {}.",
-    "a blurry photo of a {}.",
-    "a cartoon {}.",
-    "art of a {}.",
-    "a sketch of the {}.",
-    "a embroidered {}.",
-    "a pixelated photo of a {}.",
-    "itap of the {}.",
-    "a jpeg corrupted photo of the {}.",
-    "a good photo of a {}.",
-    "a plushie {}.",
-    "a photo of the nice {}.",
-    "a photo of the small {}.",
-    "a photo of the weird {}.",
-    "the cartoon {}.",
-    "art of the {}.",
-    "a drawing of the {}.",
-    "a photo of the large {}.",
-    "a black and white photo of a {}.",
-    "the plushie {}.",
-    "a dark photo of a {}.",
-    "itap of a {}.",
-    "graffiti of the {}.",
-    "a toy {}.",
-    "itap of my {}.",
-    "a photo of a cool {}.",
-    "a photo of a small {}.",
-    "a tattoo of the {}.",
-];
 
 /// CLIP's reversible byte -> unicode table, in its own order (printable ranges first).
 fn bytes_to_unicode() -> Vec<(u8, char)> {
@@ -307,159 +222,6 @@ impl ClipBpe {
         }
         Ok(out)
     }
-}
-
-// ---------------------------------------------------------------------------------------------
-// Templates
-// ---------------------------------------------------------------------------------------------
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Part {
-    Lit(String),
-    Name,
-    Domain,
-}
-
-/// Parses a `str.format` template supporting `{}` / `{0}` (the class name), `{domain}`,
-/// `{{` and `}}`. Anything else is rejected.
-fn parse_template(t: &str) -> Result<Vec<Part>> {
-    let bad = |why: &str| Error::Value(format!("template {t:?}: {why}"));
-    let mut parts = Vec::new();
-    let mut lit = String::new();
-    let mut auto_used = false;
-    let mut manual_used = false;
-    let mut chars = t.chars().peekable();
-    while let Some(c) = chars.next() {
-        match c {
-            '{' if chars.peek() == Some(&'{') => {
-                chars.next();
-                lit.push('{');
-            }
-            '}' if chars.peek() == Some(&'}') => {
-                chars.next();
-                lit.push('}');
-            }
-            '}' => return Err(bad("single '}' encountered")),
-            '{' => {
-                let mut field = String::new();
-                loop {
-                    match chars.next() {
-                        Some('}') => break,
-                        Some('{') => {
-                            return Err(bad("nested '{' in a replacement field is not supported"))
-                        }
-                        Some(x) => field.push(x),
-                        None => return Err(bad("unclosed '{'")),
-                    }
-                }
-                if !lit.is_empty() {
-                    parts.push(Part::Lit(std::mem::take(&mut lit)));
-                }
-                match field.as_str() {
-                    "" => {
-                        if manual_used {
-                            return Err(bad(
-                                "cannot switch from manual to automatic field numbering",
-                            ));
-                        }
-                        if auto_used {
-                            return Err(bad("more than one '{}' (only the class name is passed)"));
-                        }
-                        auto_used = true;
-                        parts.push(Part::Name);
-                    }
-                    "0" => {
-                        if auto_used {
-                            return Err(bad(
-                                "cannot switch from automatic to manual field numbering",
-                            ));
-                        }
-                        manual_used = true;
-                        parts.push(Part::Name);
-                    }
-                    "domain" => parts.push(Part::Domain),
-                    other => {
-                        return Err(bad(&format!(
-                        "unsupported replacement field {{{other}}} (use {{}}, {{0}} or {{domain}})"
-                    )))
-                    }
-                }
-            }
-            _ => lit.push(c),
-        }
-    }
-    if !lit.is_empty() {
-        parts.push(Part::Lit(lit));
-    }
-    Ok(parts)
-}
-
-fn render(parts: &[Part], name: &str, domain: Option<&str>, template: &str) -> Result<String> {
-    let mut s = String::new();
-    for p in parts {
-        match p {
-            Part::Lit(l) => s.push_str(l),
-            Part::Name => s.push_str(name),
-            Part::Domain => match domain {
-                Some(d) => s.push_str(d),
-                None => {
-                    return Err(Error::Value(format!(
-                        "template {template:?} uses {{domain}} but no domain_names were given"
-                    )))
-                }
-            },
-        }
-    }
-    Ok(s)
-}
-
-/// The prompts of `batch` in row order (class-major, then domain, then template), and the class
-/// index of each row.
-pub fn prompt_rows(
-    classnames: &[String],
-    templates: &[String],
-    domain_names: Option<&[String]>,
-) -> Result<(Vec<String>, Vec<i64>)> {
-    if templates.is_empty() {
-        return Err(Error::Value("templates must not be empty".into()));
-    }
-    if let Some(d) = domain_names {
-        if d.is_empty() {
-            return Err(Error::Value(
-                "domain_names must not be empty (pass None for no domains)".into(),
-            ));
-        }
-    }
-    let parsed: Vec<Vec<Part>> = templates
-        .iter()
-        .map(|t| parse_template(t))
-        .collect::<Result<_>>()?;
-    if domain_names.is_some() {
-        for (t, p) in templates.iter().zip(&parsed) {
-            if !p.contains(&Part::Domain) {
-                return Err(Error::Value(format!(
-                    "template {t:?} has no {{domain}} field but domain_names were given \
-                     (it would repeat the same prompt for every domain)"
-                )));
-            }
-        }
-    }
-    let domains: Vec<Option<String>> = match domain_names {
-        Some(d) => d.iter().map(|x| Some(x.replace('_', " "))).collect(),
-        None => vec![None],
-    };
-    let mut prompts = Vec::with_capacity(classnames.len() * domains.len() * templates.len());
-    let mut class_index = Vec::with_capacity(prompts.capacity());
-    for (c, name) in classnames.iter().enumerate() {
-        let name = name.replace('_', " ");
-        for d in &domains {
-            for (t, p) in templates.iter().zip(&parsed) {
-                prompts.push(render(p, &name, d.as_deref(), t)?);
-                class_index.push(c as i64);
-            }
-        }
-    }
-    Ok((prompts, class_index))
 }
 
 #[cfg(test)]
@@ -662,29 +424,12 @@ mod tests {
     }
 
     #[test]
-    fn truncation_and_templates() {
+    fn truncation() {
         let tok = ClipBpe::from_merges_text(TINY).unwrap();
         let long = "a ".repeat(100);
         let out = tok.tokenize(&[long.as_str()], 5).unwrap();
         assert_eq!(out[0], 519);
         assert_eq!(out[4], 520);
         assert!(tok.tokenize(&["a"], 0).is_err());
-        let (p, c) = prompt_rows(
-            &["a_b".into(), "c".into()],
-            &["x {} y".into(), "{0}{{}}".into()],
-            None,
-        )
-        .unwrap();
-        assert_eq!(p, vec!["x a b y", "a b{}", "x c y", "c{}"]);
-        assert_eq!(c, vec![0, 0, 1, 1]);
-        assert!(prompt_rows(&["a".into()], &["{} {}".into()], None).is_err());
-        assert!(prompt_rows(&["a".into()], &["{domain} {}".into()], None).is_err());
-        let (p, _) = prompt_rows(
-            &["a".into()],
-            &["{domain}: {}".into()],
-            Some(&["real_world".into()]),
-        )
-        .unwrap();
-        assert_eq!(p, vec!["real world: a"]);
     }
 }

@@ -1,4 +1,4 @@
-"""fastsel: CPU-side helpers for SCMD (dataset indexing, prompt batching, hard-sample selection).
+"""fastsel: CPU-side helpers for SCMD (dataset indexing, prompt tokenisation, hard-sample selection).
 
 Implemented in Rust (``fastsel._fastsel``; see ``_fastsel.pyi`` for the API and the exactness contracts), except
 the text cleaning of ``PromptTokenizer``, which stays in Python like open_clip's (``fastsel._prompts``).
@@ -7,8 +7,6 @@ the text cleaning of ``PromptTokenizer``, which stays in Python like open_clip's
 from __future__ import annotations
 
 from fastsel._fastsel import (
-    DEFAULT_CONTEXT_LENGTH,
-    IMAGENET_TEMPLATES,
     Tracker,
     __version__,
     _noop,
@@ -19,8 +17,6 @@ from fastsel._fastsel import (
 from fastsel._prompts import PromptTokenizer
 
 __all__ = [
-    "DEFAULT_CONTEXT_LENGTH",
-    "IMAGENET_TEMPLATES",
     "PromptTokenizer",
     "Tracker",
     "__version__",

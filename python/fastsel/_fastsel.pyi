@@ -8,15 +8,12 @@ GIL released.
 
 import os
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, Optional, Sequence, Union
 
 import numpy as np
 import numpy.typing as npt
 
 __version__: str
-IMAGENET_TEMPLATES: Tuple[str, ...]
-"""CLIP's 80 ImageNet prompt templates (``{}`` = class name)."""
-DEFAULT_CONTEXT_LENGTH: int
 
 StrPath = Union[str, "os.PathLike[str]"]
 
@@ -154,17 +151,3 @@ class ClipBpe:
         """Ids of texts already cleaned like open_clip's ``_clean_lower`` (``fastsel._prompts.clean_lower``),
         int64 ``[len(texts), context_length]``: start token, BPE ids, end token, zero padding; too long:
         the first ``context_length`` ids with the end token last. ``context_length >= 1``."""
-    def prompts(
-        self,
-        classnames: Sequence[str],
-        templates: Union[str, Sequence[str]],
-        domain_names: Optional[Sequence[str]] = None,
-    ) -> List[str]:
-        """The prompt strings of ``PromptTokenizer.batch`` in row order."""
-    def prompt_rows(
-        self,
-        classnames: Sequence[str],
-        templates: Union[str, Sequence[str]],
-        domain_names: Optional[Sequence[str]] = None,
-    ) -> Tuple[List[str], npt.NDArray[np.int64]]:
-        """The prompt strings of ``PromptTokenizer.batch`` and the class index (int64) of each row."""

@@ -8,7 +8,7 @@ the Rust tokenizer, so the ids are open_clip's for any text.
 from __future__ import annotations
 
 import html
-from typing import Callable, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Iterable, List, Optional, Sequence, Union
 
 import numpy as np
 import numpy.typing as npt
@@ -65,8 +65,7 @@ class PromptTokenizer(ClipBpe):
     ``PromptTokenizer(bpe_path=None)``: ``bpe_path`` defaults to open_clip's installed
     ``bpe_simple_vocab_16e6.txt.gz``; a missing file raises FileNotFoundError (PermissionError, OSError for
     other I/O failures), a file that is not a gzip of UTF-8 text ValueError, each naming the path.
-    Properties ``bpe_path``, ``vocab_size``, ``sot_token_id``, ``eot_token_id``; ``prompts`` and
-    ``prompt_rows`` come from ``ClipBpe``.
+    Properties ``bpe_path``, ``vocab_size``, ``sot_token_id``, ``eot_token_id`` come from ``ClipBpe``.
     """
 
     __slots__ = ()
@@ -76,20 +75,3 @@ class PromptTokenizer(ClipBpe):
         ``[len(texts), context_length]`` (too long: first ``context_length`` ids, end token last).
         ``context_length >= 1``; a text that is not a str raises TypeError."""
         return self.tokenize_clean(_clean_all(texts), context_length)
-
-    def batch(
-        self,
-        classnames: Sequence[str],
-        templates: Union[str, Sequence[str]],
-        domain_names: Optional[Sequence[str]] = None,
-        context_length: int = 77,
-    ) -> Tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
-        """Tokens ``[R, context_length]`` (open_clip's ids of ``prompts(...)``) and ``class_index [R]``.
-
-        Class (and domain) names get ``_`` replaced by a space. Prompt = ``template.format(name)`` or, with
-        domains, ``template.format(name, domain=d)``; only the fields ``{}``/``{0}`` (class name), ``{domain}``
-        and the escapes ``{{``/``}}`` are supported. Rows are class-major: for each class, for each domain, for
-        each template. With ``domain_names`` every template must contain ``{domain}``.
-        """
-        prompts, class_index = self.prompt_rows(classnames, templates, domain_names)
-        return self.tokenize_clean([clean_lower(p) for p in prompts], context_length), class_index
