@@ -2,7 +2,9 @@
 
 open_clip's ``SimpleTokenizer(clean='lower')`` cleans each text with ``ftfy.fix_text``, ``html.unescape``
 (twice), whitespace clean-up and ``str.lower``; this module does exactly that and hands the cleaned text to
-the Rust tokenizer, so the ids are open_clip's for any text.
+the Rust tokenizer, so the ids are open_clip's for any text whose cleaned form holds only code points assigned in
+Python's Unicode database (beyond it, Python's ``regex`` and Rust's ``regex`` may disagree on what is a letter:
+ftfy can turn mojibake such as ``"Ö\x8b"`` into U+058B; see tests/test_fastsel_prompts.py).
 """
 
 from __future__ import annotations
@@ -60,7 +62,7 @@ def _clean_all(texts: Union[str, Iterable[str]]) -> List[str]:
 
 
 class PromptTokenizer(ClipBpe):
-    """open_clip ``SimpleTokenizer`` (ViT-B-32 settings) reproduced exactly, for any text.
+    """open_clip ``SimpleTokenizer`` (ViT-B-32 settings) reproduced exactly (on the text of the module docstring).
 
     ``PromptTokenizer(bpe_path=None)``: ``bpe_path`` defaults to open_clip's installed
     ``bpe_simple_vocab_16e6.txt.gz``; a missing file raises FileNotFoundError (PermissionError, OSError for
