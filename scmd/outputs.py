@@ -249,29 +249,3 @@ def format_table(envs: List[str], test_env: int, selected: dict, teacher_acc: Op
         f"test-domain accuracy {100 * rec[f'env{test_env}_in_acc']:.1f}% ({envs[test_env]}, in-split)"
     )
     return "\n".join(rows)
-
-
-def plot_kept_share(report: dict, envs: List[str], p: float, path: Path) -> None:
-    """Per-domain kept share (rows kept / rows seen) per step window, from the tracker's report. Without a
-    domain preference every line would sit at p."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    win = report["windows"]
-    if not win:
-        return
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    xs = [w["first_step"] for w in win]
-    for d, name in enumerate(envs):
-        if any(w["rows_seen"][d] for w in win):
-            ax.plot(xs, [np.nan if w["kept_share"][d] is None else w["kept_share"][d] for w in win], label=name)
-    ax.axhline(p, color="grey", linestyle=":", label=f"p = {p}")
-    ax.set_xlabel("step (window start)")
-    ax.set_ylabel("kept share of the domain's rows")
-    ax.set_title("Hard-sample selection by domain")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
