@@ -2,7 +2,7 @@
 
 A ResNet student learns from the source domains of a DomainBed dataset; a frozen CLIP teacher guides it.
 Each step, only the hardest samples of the concatenated batch (highest student cross-entropy) are trained on,
-with  L = L_CE + lambda1 * L_logits + lambda2 * L_CM  (spec sections 1-7).
+with  L = L_CE + lambda1 * L_logits + lambda2 * L_CM.  "§N" below is section N of docs/algorithm.md.
 
 Run:
     python scmd_ref.py                                            # SCMD on the embedded offline world
@@ -12,26 +12,32 @@ Run:
     torchrun --standalone --nproc_per_node 2 scmd_ref.py --dataset pacs --test-env 0   # one run on 2 GPUs
     python scmd_ref.py --dataset vlcs --download                   # fetch a dataset first (needs a network)
 
-The file reads top to bottom: settings, networks, the selection rule, the three loss terms, the SMA, one training
-step, evaluation, and the DomainBed protocol loop. Plumbing (dataset table, data layout, weights, outputs,
-checkpoints, torchrun) lives in scmd/. Ctrl-C or SIGTERM stops after a step with a checkpoint; rerun to resume.
+The file reads top to bottom: settings, networks (§1), the selection rule (§2), the three loss terms (§3), the
+SMA (§4), one training step (§5), evaluation (§6) and the DomainBed protocol loop (§7). Plumbing (dataset
+table, data layout, weights, outputs, checkpoints) lives in scmd/; so do the variants that are not the paper's
+step (torchrun: scmd/dist.py; --selection-losses stale: scmd/stale.py). Ctrl-C or SIGTERM stops after a step
+with a checkpoint; rerun to resume.
 
 Where the authors' code differs from the paper or is wasteful, the default reproduces the authors' code and a
-flag offers the corrected variant: --teacher-renorm (CLIP normalisation for the teacher), --selection-horizon
-steps (the selection cut-off relative to the real step count instead of a hard-coded 5000), --student-weights v1.
+flag offers the corrected variant (§9): --teacher-renorm (CLIP normalisation for the teacher),
+--selection-horizon steps (the selection cut-off relative to the real step count instead of a hard-coded
+5000), --student-weights v1.
 """
 
 from __future__ import annotations
 
 import copy
 import math
-import random
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 from typing import List, Optional
 
 from scmd.settings import arg
+
+try:
+    import fastsel  # optional Rust extension (CPU side): the same results as the references it is tested against
+except ImportError:
+    fastsel = None
 
 ALGORITHMS = {
     #                 selection, L_logits, L_CM      (the paper's ablation: which terms are on)
@@ -42,16 +48,16 @@ ALGORITHMS = {
     "scmd":           (True,     True,     True),
 }  # fmt: skip
 # All ablations use the same --prompt; the authors' SCMD_no_CM/Baseline classes had a typo'd "this is a photo a {}".
-SCMD_PROMPT = "this is a photo of a {}"  # the template SCMD distils from (spec 3, "Prompts")
-ZERO_SHOT_PROMPT = "a photo of a {}"  # the template of the paper's Table 1 teacher row
-SMA_START_ITER = 300  # hard-coded in the authors' code for SCMD (spec 6)
-THETA_INIT = math.log(1 / 0.07)  # learnable logit scale of L_CM, as CLIP's init
+SCMD_PROMPT = "this is a photo of a {}"  # the class prompt SCMD distils from (§3)
+TABLE1_TEACHER_PROMPT = "a photo of a {}"  # the prompt of the paper's Table 1 teacher row (zero-shot, §6)
+SMA_START_ITER = 300  # hard-coded in the authors' code for SCMD (§4)
+THETA_INIT = math.log(1 / 0.07)  # learnable logit scale of L_CM, as CLIP's init (§1.3)
 THETA_MAX = math.log(100.0)  # clamp after every step: exp(theta) in [1, 100]
 THETA_LR = 1e-4
 
 
 # =========================================================================================================
-# 0. Settings (None: the dataset's default, from its entry in scmd/datasets.py)
+# Settings (None: the dataset's default, from its entry in scmd/datasets.py; hparams: §8)
 # =========================================================================================================
 
 
@@ -82,8 +88,8 @@ class Settings:
     teacher_renorm: bool = arg(False, "feed the teacher CLIP-normalised images (the authors: ImageNet-normalised)")
     image_size: Optional[int] = arg(None, "input size of student and teacher (default 224)", type=int)
     prompt: str = arg(SCMD_PROMPT, "class prompt template, one '{}' for the class name")
-    selector: str = arg("fastsel", "who ranks the losses: fastsel (Rust, CPU) or select_hardest, the torch reference "
-                                   "it must match", choices=["fastsel", "torch"])
+    selector: str = arg("auto", "who ranks the losses: fastsel (Rust, CPU) or select_hardest, the torch reference "
+                                "it must match; auto: fastsel when installed", choices=["auto", "fastsel", "torch"])
     select_per_domain: bool = arg(False, "keep the top p of each domain's rows instead of the top p of the batch")
     selection_losses: str = arg("fresh", "what the selection ranks: fresh (the paper: a no-grad pass over the batch) "
                                          "or stale (each candidate's last recorded training CE; no extra pass)",
@@ -103,28 +109,28 @@ class Settings:
 if __name__ == "__main__":  # --help and a bad setting answer at once: the settings are checked before torch loads
     from scmd.settings import check_or_exit
 
-    check_or_exit(Settings, sys.argv[1:], ALGORITHMS, __doc__)
+    check_or_exit(Settings, sys.argv[1:], ALGORITHMS, __doc__, fastsel is not None)
 
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from scmd import data as D
 from scmd import models as M
-from scmd import outputs as O
 from scmd import run as R
 from scmd import settings as S
+from scmd import stale
 from scmd.dist import DIST
+from scmd.stale import StaleSelector
 
 # =========================================================================================================
-# 1. Networks (spec 2)
+# §1 Networks
 # =========================================================================================================
 
 
 class Student(nn.Module):
-    """ResNet featurizer (fc removed, dropout after pooling) + linear classifier.
+    """ResNet featurizer (fc removed, dropout after pooling) + linear classifier (§1.1).
     BatchNorm statistics are frozen: every BN layer stays in eval mode, its affine weights still train."""
 
     def __init__(self, backbone: nn.Module, n_classes: int, dropout: float):
@@ -139,7 +145,7 @@ class Student(nn.Module):
         super().train(mode)
         for m in self.modules():
             if isinstance(m, nn.BatchNorm2d):
-                m.eval()  # frozen BN statistics (spec 2.1)
+                m.eval()  # frozen BN statistics
         return self
 
     def forward(self, x):
@@ -147,8 +153,8 @@ class Student(nn.Module):
 
 
 class Teacher(nn.Module):
-    """Frozen CLIP. Zero-shot logits z_t = s_T * (e_img/|e_img|) . t_hat^T, with the class text features t_hat
-    encoded once per run (the authors re-encode them twice per step; the values are constant)."""
+    """Frozen CLIP (§1.2). Zero-shot logits z_t = s_T * (e_img/|e_img|) . t_hat^T, with the class text features
+    t_hat encoded once per run (the authors re-encode them twice per step; the values are constant)."""
 
     def __init__(self, clip: nn.Module, text_tokens: torch.Tensor, renorm: bool):
         super().__init__()
@@ -176,7 +182,7 @@ class Teacher(nn.Module):
 
 
 # =========================================================================================================
-# 2. Hard-sample selection (spec 4)
+# §2 Hard-sample selection
 # =========================================================================================================
 
 
@@ -198,48 +204,34 @@ def select_hardest_per_domain(losses: torch.Tensor, domains: torch.Tensor, p: fl
 
 
 class Selector:
-    """Ranks per-sample losses with fastsel (Rust) or the torch reference; both return the same positions.
-    fresh (the paper): the selection pass's losses; the tracker only observes. stale (--selection-losses stale):
-    each candidate's latest CE that the tracker recorded from the training forward of a step it was kept in;
-    never-scored samples first (NaN ranks first, so each sample gets a loss as early as possible, as InfoBatch
-    trains unseen samples), ties in a random order drawn from (seed, step), which keeps resume exact."""
+    """Keeps the floor(N p) hardest of the N rows (or of each domain's rows). fastsel's top-k when it is given,
+    else the torch reference above: both return the same positions. A tracker (fastsel.Tracker) only observes
+    what was seen and kept; it never changes the selection."""
 
-    def __init__(self, kind: str, per_domain: bool, p: float, tracker, seed: int = 0):
-        self.kind, self.per_domain, self.p, self.tracker, self.seed = kind, per_domain, p, tracker, seed
-        self.fastsel = __import__("fastsel") if kind == "fastsel" else None
+    def __init__(self, p: float, per_domain: bool = False, fastsel=None, tracker=None):
+        self.p, self.per_domain, self.fastsel, self.tracker = p, per_domain, fastsel, tracker
 
-    def rank(self, losses: torch.Tensor, host, domains: torch.Tensor) -> torch.Tensor:
-        """Positions of the kept rows: the top floor(N p) of the batch (or per domain), by the rule above."""
-        if self.kind == "fastsel" and self.per_domain:
-            return torch.from_numpy(self.fastsel.topk_per_domain(host, domains.numpy(), self.p))
-        if self.kind == "fastsel":
-            return torch.from_numpy(self.fastsel.topk_desc(host, int(len(host) * self.p)))  # k = floor(N p)
+    def rank(self, losses: torch.Tensor, domains: torch.Tensor, host=None) -> torch.Tensor:
+        """Positions of the kept rows (host: the losses as a float32 numpy array, for fastsel)."""
+        if self.fastsel is None:
+            if self.per_domain:
+                return select_hardest_per_domain(losses, domains.to(losses.device), self.p)
+            return select_hardest(losses, int(len(losses) * self.p))  # k = floor(N p)
         if self.per_domain:
-            return select_hardest_per_domain(losses, domains.to(losses.device), self.p)
-        return select_hardest(losses, int(len(losses) * self.p))
+            return torch.from_numpy(self.fastsel.topk_per_domain(host, domains.numpy(), self.p))
+        return torch.from_numpy(self.fastsel.topk_desc(host, int(len(host) * self.p)))
 
     def __call__(self, losses: torch.Tensor, domains: torch.Tensor, ids: torch.Tensor, step: int) -> torch.Tensor:
-        """Fresh: losses are the N per-sample CEs (on the device); domains, ids: the rows' domain and sample ids."""
+        """losses: the N per-sample CEs (on the device); domains, ids: the rows' domain and sample ids (CPU)."""
         host = losses.detach().float().cpu().numpy() if self.fastsel or self.tracker else None  # one N-float copy
-        keep = self.rank(losses, host, domains).to(losses.device)
+        keep = self.rank(losses, domains, host).to(losses.device)
         if self.tracker is not None:  # observational bookkeeping only
             self.tracker.record(step, ids.numpy(), domains.numpy(), host, keep.cpu().numpy())
         return keep
 
-    def stale_keep(self, domains: torch.Tensor, ids: torch.Tensor, step: int) -> torch.Tensor:
-        """Stale: rank the candidates by their last recorded CE (NaN where never scored); no forward pass."""
-        perm = np.random.default_rng((self.seed, step)).permutation(len(ids))  # random order among ties
-        host = self.tracker.last_loss()[ids.numpy()[perm]]
-        return torch.from_numpy(perm)[self.rank(torch.from_numpy(host), host, domains[perm])]
-
-    def observe(self, step: int, domains, ids, keep, kept_ce: torch.Tensor) -> None:
-        """Stale: every candidate counts as seen, the kept ones as selected with their training CE."""
-        self.tracker.record_kept(step, ids.numpy(), domains.numpy(), keep.cpu().numpy(),
-                                 kept_ce.detach().float().cpu().numpy())
-
 
 # =========================================================================================================
-# 3. Loss terms (spec 3)
+# §3 Loss terms
 # =========================================================================================================
 
 
@@ -257,7 +249,7 @@ def cm_logits(f: torch.Tensor, projector: nn.Linear, theta: torch.Tensor, t_hat:
 
 
 # =========================================================================================================
-# 4. SMA: simple moving average of the student's weights (spec 6)
+# §4 SMA: simple moving average of the student's weights
 # =========================================================================================================
 
 
@@ -288,19 +280,18 @@ class SMA:
 
 
 # =========================================================================================================
-# 5. One training step (spec 1)
+# §5 One training step
 # =========================================================================================================
 
 
 class SCMDTrainer:
-    def __init__(self, s, hparams, student, teacher, selector, device):
+    def __init__(self, student, teacher, selector, hparams: dict, algorithm: str, selection_horizon: int, device):
         self.device = device
-        self.use_selection, self.use_logits, self.use_cm = ALGORITHMS[s.algorithm]
-        self.stale = s.selection_losses == "stale"
+        self.use_selection, self.use_logits, self.use_cm = ALGORITHMS[algorithm]
         self.student, self.teacher, self.selector = student, teacher, selector
         self.lambda1, self.lambda2, self.T = hparams["lambda1"], hparams["lambda2"], hparams["temperature"]
         self.worst_case_p, self.last_k = hparams["worst_case_p"], hparams["last_k_epoch"]
-        self.cutoff = int(s.selection_horizon * (1 - self.last_k))  # select iff step <= cutoff
+        self.cutoff = int(selection_horizon * (1 - self.last_k))  # select iff step <= cutoff (§2)
         params = list(student.parameters())
         if self.use_cm:
             self.projector = nn.Linear(student.n_features, teacher.t_hat.shape[1], bias=False).to(device)  # P
@@ -313,29 +304,20 @@ class SCMDTrainer:
         self.amp, self.amp_dtype = device.type == "cuda", torch.float16  # mixed precision on CUDA
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
         self.sma = SMA(student)
-        self.sizes = ()  # rows of each domain in the step batch (set by build_models; read under torchrun only)
 
     def selecting(self, step: int) -> bool:
         return self.use_selection and step <= self.cutoff  # switch-off rule step <= int(horizon * (1 - k))
 
-    def update(self, x, y, domains, ids, step):
-        """x, y, domains, ids: this process's rows of the step batch (all rows without torchrun)."""
-        n_seen, selecting, g = len(y), self.selecting(step), self.sizes  # g: each domain's rows in the step batch
-        if selecting:  # (torchrun: every rank ranks the whole step batch, so the kept ids are one process's)
-            domains, ids = DIST.gather_rows(domains, g), DIST.gather_rows(ids, g)
-            if self.stale:  # --- selection by each candidate's last recorded CE: no extra pass ---------------
-                keep = self.selector.stale_keep(domains, ids, step).to(x.device)
-            else:  # --- hard-sample selection: rank the whole concatenated batch ------------------------------
-                keep = self.selector(DIST.gather_rows(self.per_sample_ce(x, y), g), domains, ids, step)
-            mine = DIST.local_keep(keep, g)
-            x, y = x[mine], y[mine]  # "the batch" is now the n = floor(N p) hardest samples
-        share = DIST.share_of(len(y), len(keep) if selecting else sum(g))  # n_r / n (1 without torchrun)
-        loss, loss_ce, loss_logits, loss_cm, z_s = self.losses(x, y) if len(y) else [x.new_zeros(())] * 5
-        if selecting and self.stale:  # the kept rows' CE before this update: what later steps rank them by
-            ce = F.cross_entropy(z_s.detach().float(), y, reduction="none") if len(y) else z_s.new_zeros(0)
-            self.selector.observe(step, domains, ids, keep, DIST.kept_in_order(ce, keep, g))
-        self.optimise(loss * share if DIST.on else loss)
-        return DIST.step_stats(share, (loss, loss_ce, loss_logits, loss_cm), len(y), n_seen)
+    def update(self, x, y, domains, ids, step) -> dict:
+        """One step on the concatenated batch: x, y the N rows; domains, ids each row's domain and sample id."""
+        n_seen = len(y)
+        if self.selecting(step):  # hard-sample selection (§2)
+            ce = self.per_sample_ce(x, y)  # the current student's CE of each of the N rows, no grad
+            keep = self.selector(ce, domains, ids, step)  # positions of the floor(N p) highest CEs
+            x, y = x[keep], y[keep]  # "the batch" is now the n = floor(N p) hardest samples
+        loss, loss_ce, loss_logits, loss_cm, _ = self.losses(x, y)  # L = L_CE + lambda1 L_logits + lambda2 L_CM
+        self.optimise(loss)  # Adam step, theta clamp, SMA update
+        return self.stats((loss, loss_ce, loss_logits, loss_cm), len(y), n_seen)
 
     @torch.no_grad()
     def per_sample_ce(self, x, y):
@@ -343,7 +325,7 @@ class SCMDTrainer:
         return F.cross_entropy(self.student(x), y, reduction="none")
 
     def losses(self, x, y):
-        """The three losses on the (selected) batch, under fp16 autocast on CUDA."""
+        """The three losses on the (selected) batch (§3), under fp16 autocast on CUDA."""
         with torch.autocast(device_type=self.device.type, dtype=self.amp_dtype, enabled=self.amp):
             f = self.student.featurizer(x)
             z_s = self.student.classifier(f)
@@ -362,28 +344,34 @@ class SCMDTrainer:
         return loss, loss_ce, loss_logits, loss_cm, z_s
 
     def optimise(self, loss) -> None:
-        """Adam step (loss scaling on CUDA), theta clamp, SMA update."""
+        """Adam step (loss scaling on CUDA), theta clamp, SMA update (§5)."""
         self.optimizer.zero_grad(set_to_none=True)
-        scaled = self.scaler.scale(loss)
-        if scaled.requires_grad:  # (a torchrun rank without kept rows has no graph: its gradient is 0)
-            scaled.backward()
-        DIST.sum_gradients([p for grp in self.optimizer.param_groups for p in grp["params"]])  # torchrun only
+        self.backward(loss)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         if self.use_cm:
             with torch.no_grad():
-                self.theta.clamp_(0.0, THETA_MAX)  # exp(theta) in [1, 100], every step
+                self.theta.clamp_(0.0, THETA_MAX)  # exp(theta) in [1, 100], every step (§1.3)
         self.sma.update()
+
+    def backward(self, loss) -> None:
+        self.scaler.scale(loss).backward()
+
+    def stats(self, losses, n: int, n_seen: int) -> dict:
+        """The step's loss terms (left on the device: no transfer per step) and its trained and seen row counts."""
+        loss, ce, logits, cm = (t.detach() for t in losses)
+        return {"loss": loss, "ce": ce, "logits": logits, "cm": cm, "n": torch.tensor(float(n)),
+                "N": torch.tensor(float(n_seen))}
 
 
 # =========================================================================================================
-# 6. Evaluation and model selection (spec 9)
+# §6 Evaluation and model selection
 # =========================================================================================================
 
 
 @torch.no_grad()
 def accuracy(net, loader, device) -> float:
-    """mean(argmax == y) of the SMA network (eval mode) over one split."""
+    """mean(argmax net(x) == y) over one split, net in eval mode (the SMA network, or the teacher)."""
     net.eval()
     correct, total = 0, 0
     for x, y in loader:
@@ -391,109 +379,97 @@ def accuracy(net, loader, device) -> float:
         correct += (net(x).argmax(1) == y).sum().item()
         total += len(y)
     net.train()
-    correct, total = DIST.sum(torch.tensor([correct, total], dtype=torch.float64, device=device)).tolist()
-    return correct / max(total, 1)  # (torchrun: each rank evaluates its share of the batches)
+    return DIST.fraction(correct, total)  # (torchrun: each process evaluates its share of the batches)
+
+
+def evaluate(net, loaders, device) -> dict:
+    """The SMA network's accuracy on every evaluated split (env{i}_in, env{i}_out), as DomainBed's records."""
+    return {f"{name}_acc": accuracy(net, loader, device) for name, loader in loaders}
+
+
+def teacher_zero_shot(clip, tokens, loaders, device) -> list:
+    """The paper's Table 1 teacher row: CLIP's zero-shot accuracy per domain on clean, CLIP-normalised images,
+    with the Table 1 prompt (tokens)."""
+    teacher = Teacher(clip, tokens, renorm=False)
+    return [accuracy(teacher, loader, device) for loader in loaders]
 
 
 # =========================================================================================================
-# 7. The protocol: data, loop, records (spec 7-9)
+# §7 The protocol: models, data, loop, records
 # =========================================================================================================
-
-
-def main(argv=None) -> int:
-    s, hparams = S.resolve(S.parse(Settings, argv, __doc__), ALGORITHMS)
-    fingerprint = S.fingerprint(s, hparams)
-    if s.output_dir is None:  # the default name covers every setting that changes the result
-        s.output_dir = (f"outputs/{s.dataset}_{s.algorithm}_te{s.test_env}_h{s.hparams_seed}_t{s.trial_seed}"
-                        f"_s{s.seed}_{O.fingerprint_hash(fingerprint)}")
-    out = Path(s.output_dir)
-    O.prepare_output_dir(out)
-    with R.run_lock(out), R.StopSignals() as stop:  # one run per folder; SIGTERM/SIGINT stop after a step
-        if R.finished(out, fingerprint, s.resume):
-            return 0
-        return train(s, hparams, fingerprint, out, stop)
 
 
 def build_models(s, hparams, index, device):
-    """Student, frozen teacher, selector and tracker, and the trainer that holds them; every tensor on `device`."""
+    """The trainer (student, frozen teacher, selector and its tracker) and the CLIP model; every tensor on
+    `device`. Variants beside the paper's step: torchrun (scmd/dist.py), stale selection losses (scmd/stale.py)."""
     student = Student(M.student_backbone(s.student, s.student_weights), len(index.classes), hparams["resnet_dropout"])
     student.to(device)
     use_selection, use_logits, use_cm = ALGORITHMS[s.algorithm]
     clip = M.load_clip(s.teacher, s.teacher_weights, torch.device("cpu"), s.image_size)  # text features: on the CPU
     teacher = None
     if use_logits or use_cm:
-        tokens = M.tokenize(s.teacher, M.class_prompts(s.prompt, index.classes))
+        tokens = M.tokenize(s.teacher, M.class_prompts(s.prompt, index.classes), fastsel)
         teacher = Teacher(clip, tokens, s.teacher_renorm).to(device)  # also its t_hat and renorm buffers
     clip.to(device)
-    tracker = R.make_tracker(s, index) if use_selection else None
-    selector = Selector(s.selector, s.select_per_domain, hparams["worst_case_p"], tracker, s.seed)
-    trainer = SCMDTrainer(s, hparams, student, teacher, selector, device)
-    trainer.sizes = [hparams["batch_size"]] * (len(index.envs) - 1)
-    return trainer, clip, tracker
+    tracker = fastsel.Tracker(index.n_samples, len(index.envs), window=s.checkpoint_freq) \
+        if fastsel is not None and use_selection else None  # per-sample bookkeeping (hardness.json), observational
+    ranker = fastsel if s.selector != "torch" else None  # --selector torch: select_hardest, even with fastsel
+    selector, trainer_class = Selector(hparams["worst_case_p"], s.select_per_domain, ranker, tracker), SCMDTrainer
+    if s.selection_losses == "stale":  # variant: rank by recorded training CEs, no selection pass
+        selector, trainer_class = StaleSelector(selector, tracker, s.seed), stale.variant(trainer_class)
+    if DIST.on:  # torchrun: the same step on several processes
+        trainer_class = DIST.variant(trainer_class, [hparams["batch_size"]] * (len(index.envs) - 1))
+    trainer = trainer_class(student, teacher, selector, hparams, s.algorithm, s.selection_horizon, device)
+    return trainer, clip
+
+
+def main(argv=None) -> int:
+    s, hparams = S.resolve(S.parse(Settings, argv, __doc__), ALGORITHMS, fastsel is not None)
+    fingerprint = S.fingerprint(s, hparams)
+    s.output_dir = s.output_dir or S.default_output_dir(s, fingerprint)
+    with R.output_folder(s.output_dir) as out, R.StopSignals() as stop:  # one run per folder; a signal stops it
+        if R.finished(out, fingerprint, s.resume):
+            return 0
+        return train(s, hparams, fingerprint, out, stop)
 
 
 def train(s, hparams, fingerprint, out, stop) -> int:
-    device = DIST.start(R.device_for(s.device))  # torchrun: this rank's GPU (nccl) or the CPU (gloo)
-    random.seed(s.seed)  # seeding as DomainBed's train script
-    np.random.seed(s.seed)
-    torch.manual_seed(s.seed)
-    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
-
-    # --- data, models, selector, tracker ---------------------------------------------------------------------
-    data = R.load_data(s, out, s.image_size)
-    trainer, clip, tracker = build_models(s, hparams, data.index, device)
-
-    # --- resume ------------------------------------------------------------------------------------------
-    ckpt, start_step, records, window = R.restore(out, s.resume, fingerprint, trainer, tracker)
+    device = DIST.start(R.device_for(s.device))  # torchrun: this process's GPU (nccl) or the CPU (gloo)
+    R.seed_everything(s.seed)  # as DomainBed's train script (§7.5)
+    if fastsel is None:
+        R.say("[scmd] fastsel (the Rust extension) is not installed: torch ranks the losses, torchvision's "
+              "ImageFolder indexes the data, open_clip tokenises; no per-sample bookkeeping (hardness.json)")
+    root = R.dataset_root(s.dataset, s.data_dir, s.download, s.world_per_class, progress=not s.no_progress)
+    data = R.Data(s.dataset, root, s.holdout_fraction, s.trial_seed, s.test_env, s.seed, s.image_size, s.eval_splits,
+                  s.workers, s.refuse_truncated_images, out, fastsel)
+    trainer, clip = build_models(s, hparams, data.index, device)
+    run = R.Run(out, fingerprint, trainer, stop, R.record_fields(s, hparams), s.steps, data.index.envs, s.test_env,
+                progress=not s.no_progress)
+    start_step = run.restore(s.resume)
     R.say(f"[scmd] {s.algorithm} on {s.dataset} ({data.index.root}); held out: {data.index.envs[s.test_env]}; "
-          f"device {device}; selector {s.selector}; {DIST.world} process(es)\n[scmd] hparams: "
-          + ", ".join(f"{k}={v}" for k, v in hparams.items()))
-    teacher_acc = ckpt["teacher_zero_shot"] if ckpt else R.teacher_zero_shot(s, clip, data, ZERO_SHOT_PROMPT,
-                                                                             device)  # Table 1's teacher row
+          f"device {device}; selector {'fastsel' if trainer.selector.fastsel else 'torch'}; {DIST.world} "
+          f"process(es)\n[scmd] hparams: " + ", ".join(f"{k}={v}" for k, v in hparams.items()))
+    if run.teacher_acc is None:  # once per run (kept in the checkpoints)
+        tokens = M.tokenize(s.teacher, M.class_prompts(TABLE1_TEACHER_PROMPT, data.index.classes), fastsel)
+        run.teacher_acc = teacher_zero_shot(clip, tokens, data.clip_loaders(M.image_size_of(clip)), device)
 
-    # --- training loop: one minibatch per training domain, concatenated in env order ----------------
-    kept_only = trainer.cutoff if trainer.stale else -1  # stale selection: only the kept rows get augmented
-    iters = R.train_loaders(s, data, hparams["batch_size"], s.image_size, start_step, device, kept_only)
-    window = window or R.new_window()
-    stats = R.Stats(s, start_step)
+    # --- training loop: one minibatch per training domain, concatenated in env order (§7.4) ----------------
+    kept_only = trainer.cutoff if s.selection_losses == "stale" else -1  # stale: only the kept rows are augmented
+    batches = data.step_batches(hparams["batch_size"], start_step, device, kept_only)
     for step in range(start_step, s.steps):
-        if DIST.any(stop.requested):  # finish where the last step ended: checkpoint, one line, resume exactly later
-            return R.stopped(out, step - 1, trainer, tracker, window, fingerprint, teacher_acc, stats, stop)
-        try:
-            batches = [next(it) for it in iters]
-        except Exception:
-            if stop.requested:  # the signal also reached the loader workers
-                return R.stopped(out, step - 1, trainer, tracker, window, fingerprint, teacher_acc, stats, stop)
-            raise
-        x = D.cat_images([b[0] for b in batches], device)  # pinned -> async copies on CUDA
-        y = torch.cat([b[1].to(device, non_blocking=True) for b in batches])
-        ids = torch.cat([b[2] for b in batches])
-        domains = torch.cat([torch.full((len(b[1]),), e, dtype=torch.int64) for e, b in zip(data.train_envs, batches)])
-        stats.add(step, trainer.update(x, y, domains, ids, step), window)
-        evaluate_now = step % s.checkpoint_freq == 0 or step == s.steps - 1
-        save_now = (step + 1) % s.save_every == 0 or evaluate_now
-        if save_now:
-            stats.flush(window)  # stops on a NaN/inf loss
-        if evaluate_now:
-            rec = R.record_head(s, hparams, data, step, window, device)
-            for name, loader in data.eval_loaders:
-                loader.batch_sampler.eval_step = step  # fixes the augmentation of training-env splits
-                rec[f"{name}_acc"] = accuracy(trainer.sma.net, loader, device)
-            scale = float(trainer.theta.detach().exp()) if trainer.use_cm else None
-            rec.update(R.record_tail(s, hparams, trainer.selecting(step), scale))
-            records.append(rec)
-            sel = R.add_record(out, records, rec, s, data, step, trainer.sma.net, fingerprint)  # + best SMA weights
-            window = R.new_window()
-            stats.write(f"step {step}: train-domain val {100 * sel['val_acc']:.1f}% (best), "
-                        f"test-domain {100 * rec[f'env{s.test_env}_in_acc']:.1f}%")
-        if save_now:
-            R.save_last(out, step, trainer, tracker, window, fingerprint, teacher_acc)
-            stats.restart_clock()
-    stats.close()
-    if DIST.main:
-        print(R.write_report(out, s, hparams, data, records, teacher_acc, tracker, fingerprint))
-        print(f"[scmd] results in {out}")
-    return 0
+        batch = None if run.stop_requested() else run.next_batch(batches)  # None: stopped by a signal
+        if batch is None:
+            return run.stopped(step - 1)  # checkpoint of the last finished step; the rerun resumes exactly
+        x, y, domains, ids = batch
+        evaluating = step % s.checkpoint_freq == 0 or step == s.steps - 1  # after the step's update (§7.5)
+        saving = evaluating or (step + 1) % s.save_every == 0
+        run.log(step, trainer.update(x, y, domains, ids, step), flush=saving)  # stops on a NaN/inf loss
+        if evaluating:
+            run.add_record(step, evaluate(trainer.sma.net, data.eval_loaders(step), device),
+                           epoch=step / data.steps_per_epoch(hparams["batch_size"]))
+        if saving:
+            run.save(step)
+    return run.finish(hparams, data)
 
 
 if __name__ == "__main__":

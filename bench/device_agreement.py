@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import sys
 import tempfile
 from collections import Counter
@@ -28,10 +27,8 @@ from scmd import settings as S  # noqa: E402
 
 
 def kept_ids_per_step(s, hparams, data, device: torch.device, steps: int):
-    random.seed(s.seed)
-    np.random.seed(s.seed)
-    torch.manual_seed(s.seed)  # as scmd_ref.train: the same initial weights on every device
-    trainer, _, _ = scmd_ref.build_models(s, hparams, data.index, device)
+    R.seed_everything(s.seed)  # as scmd_ref.train: the same initial weights on every device
+    trainer, _ = scmd_ref.build_models(s, hparams, data.index, device)
     kept, selector = [], trainer.selector
 
     def recording(losses, domains, ids, step):
@@ -40,14 +37,9 @@ def kept_ids_per_step(s, hparams, data, device: torch.device, steps: int):
         return keep
 
     trainer.selector = recording
-    iters = R.train_loaders(s, data, hparams["batch_size"], s.image_size, 0, device)
+    batches = data.step_batches(hparams["batch_size"], 0, device)
     for step in range(steps):
-        batches = [next(it) for it in iters]
-        x = torch.cat([b[0] for b in batches]).to(device)
-        y = torch.cat([b[1] for b in batches]).to(device)
-        ids = torch.cat([b[2] for b in batches])
-        domains = torch.cat([torch.full((len(b[1]),), e, dtype=torch.int64) for e, b in zip(data.train_envs, batches)])
-        trainer.update(x, y, domains, ids, step)
+        trainer.update(*next(batches), step)
     weights = {k: v.float().cpu() for k, v in trainer.student.state_dict().items() if v.is_floating_point()}
     return kept, weights
 
@@ -62,9 +54,12 @@ def main() -> int:
     a = p.parse_args()
     argv = ["--world-per-class", str(a.world_per_class), "--data-dir", a.data_dir, "--selector", "torch",
             "--no-progress", "--device", a.device]
-    s, hparams = S.resolve(S.parse(scmd_ref.Settings, argv, scmd_ref.__doc__), scmd_ref.ALGORITHMS)
+    s, hparams = S.resolve(S.parse(scmd_ref.Settings, argv, scmd_ref.__doc__), scmd_ref.ALGORITHMS,
+                           scmd_ref.fastsel is not None)
     with tempfile.TemporaryDirectory() as tmp:
-        data = R.load_data(s, Path(tmp), s.image_size)
+        root = R.dataset_root(s.dataset, s.data_dir, world_per_class=s.world_per_class, progress=False)
+        data = R.Data(s.dataset, root, s.holdout_fraction, s.trial_seed, s.test_env, s.seed, s.image_size,
+                      s.eval_splits, s.workers, False, Path(tmp), scmd_ref.fastsel)
         cpu_kept, cpu_w = kept_ids_per_step(s, hparams, data, torch.device("cpu"), a.steps)
         dev_kept, dev_w = kept_ids_per_step(s, hparams, data, R.device_for(a.device), a.steps)
     rows = []

@@ -30,10 +30,12 @@ sys.path.insert(0, str(ROOT))
 
 import scmd_ref as S  # noqa: E402
 from scmd import data as D  # noqa: E402
+from scmd.stale import StaleStep  # noqa: E402
 
 
 class Probe:
-    """Wraps SCMDTrainer.update: before each selecting step, the fresh ranking of the same batch."""
+    """Wraps the stale variant's update (scmd.stale.StaleStep): before each selecting step, the fresh ranking of the
+    same batch."""
 
     def __init__(self, window: int):
         self.window, self.rows = window, []
@@ -50,7 +52,7 @@ class Probe:
                 probe.scored_at = np.full(sel.tracker.n_samples, -1, np.int64)
             rng = torch.get_rng_state()
             full = x.all() if isinstance(x, D.LazyImages) else x  # (the run itself augments only the kept rows)
-            fresh = S.select_hardest(tr.per_sample_ce(full, y).float().cpu(), int(len(y) * sel.p)).numpy()
+            fresh = S.select_hardest(tr.per_sample_ce(full, y).float().cpu(), int(len(y) * tr.worst_case_p)).numpy()
             torch.set_rng_state(rng)  # the run stays the stale run
             stale = sel.stale_keep(domains, ids, step).numpy()
             at = probe.scored_at[ids.numpy()]
@@ -90,8 +92,8 @@ def main(argv=None) -> dict:
     if a.steps < 1 or a.window < 1:
         raise SystemExit("stale_selection: --steps and --window must be >= 1")
     probe = Probe(a.window)
-    update = S.SCMDTrainer.update
-    S.SCMDTrainer.update = probe.wrap(update)
+    update = StaleStep.update
+    StaleStep.update = probe.wrap(update)
     try:
         with tempfile.TemporaryDirectory() as tmp:
             code = S.main(["--dataset", a.dataset, "--data-dir", a.data_dir, "--test-env", str(a.test_env), "--seed",
@@ -99,7 +101,7 @@ def main(argv=None) -> dict:
                            str(10**6), "--selection-losses", "stale", "--no-progress", "--output-dir", tmp]
                           + (["--world-per-class", str(a.world_per_class)] if a.world_per_class else []))
     finally:
-        S.SCMDTrainer.update = update  # (a caller in the same process trains unprobed again)
+        StaleStep.update = update  # (a caller in the same process trains unprobed again)
     if code != 0 or not probe.rows:
         raise SystemExit(f"stale_selection: the run failed ({code}) or never selected")
     windows = []

@@ -57,17 +57,42 @@ class DomainIndex:
         return self.paths[env][sample_id - self.offsets[env]]
 
 
-def index_dataset(root: Path) -> DomainIndex:
-    """Envs (sorted folders), classes (of the first env) and each env's files in torchvision ImageFolder's order,
-    by fastsel (tests/test_fastsel_indexing.py holds it equal to ImageFolder); errors name the path."""
-    import fastsel
+def index_imagefolder(root: str) -> dict:
+    """The reference indexer, which fastsel.index_domainbed must equal: the envs are the sorted sub-folders of
+    `root` (os.scandir, folders only, as DomainBed), each env a torchvision ImageFolder (its sorted class folders,
+    its file order and extension filter). Returns {"envs", "classes", "paths", "labels"}; raises
+    FileNotFoundError (no env folder, an env without class folders, a class without images) or ValueError (an env
+    whose class folders differ from the first env's)."""
+    from torchvision.datasets import ImageFolder
 
+    envs = sorted(e.name for e in os.scandir(root) if e.is_dir())
+    if not envs:
+        raise FileNotFoundError(f"dataset root {root} contains no environment folders")
+    classes, paths, labels = None, [], []
+    for env in envs:
+        folder = ImageFolder(os.path.join(root, env))  # FileNotFoundError: no class folder, or a class without images
+        if classes is None:
+            classes = folder.classes
+        elif folder.classes != classes:
+            raise ValueError(f"environment {os.path.join(root, env)} has different class folders from the first "
+                             f"environment {os.path.join(root, envs[0])}: missing "
+                             f"{sorted(set(classes) - set(folder.classes))}, extra "
+                             f"{sorted(set(folder.classes) - set(classes))}")
+        paths.append([p for p, _ in folder.samples])
+        labels.append(np.asarray([t for _, t in folder.samples], dtype=np.int64))
+    return {"envs": envs, "classes": classes, "paths": paths, "labels": labels}
+
+
+def index_dataset(root: Path, fastsel=None) -> DomainIndex:
+    """Envs (sorted folders), classes (of the first env) and each env's files in torchvision ImageFolder's order:
+    by fastsel when it is given (tests/test_fastsel_indexing.py holds it equal to index_imagefolder), else by the
+    reference. Errors name the path."""
     if not root.exists():
         raise DataError(f"dataset folder {root} does not exist")
     if not root.is_dir():
         raise DataError(f"dataset path {root} is not a folder")
     try:
-        r = fastsel.index_domainbed(str(root))
+        r = fastsel.index_domainbed(str(root)) if fastsel is not None else index_imagefolder(str(root))
     except (OSError, ValueError) as e:
         raise DataError(str(e)) from None
     return DomainIndex(root, list(r["envs"]), list(r["classes"]), [list(p) for p in r["paths"]],

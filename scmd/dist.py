@@ -23,6 +23,7 @@ from typing import List, Sequence
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 
 class Dist:
@@ -45,10 +46,6 @@ class Dist:
         self.device = device
         return device
 
-    def stop(self) -> None:
-        if self.on and dist.is_initialized():
-            dist.destroy_process_group()
-
     # --- the step batch ----------------------------------------------------------------------------------
     def share(self, n: int) -> slice:
         """This rank's rows of a domain's n rows."""
@@ -61,10 +58,6 @@ class Dist:
             out.append(torch.arange(base + rank * n // self.world, base + (rank + 1) * n // self.world))
             base += n
         return torch.cat(out)
-
-    def share_of(self, n_local: int, n_total: int) -> float:
-        """This rank's share n_r / n of the step's trained rows: its loss weight before the gradients are summed."""
-        return n_local / n_total if self.on else 1.0
 
     def gather_rows(self, local: torch.Tensor, sizes: Sequence[int]) -> torch.Tensor:
         """The rows of every rank, in the single-process order, with local's dtype and device (sent as float64,
@@ -123,16 +116,12 @@ class Dist:
             p.grad = flat[i:i + n].view_as(g).to(g.dtype)
             i += n
 
-    def step_stats(self, share: float, losses, n: int, n_seen: int) -> dict:
-        """The step's loss terms (weighted by the share, summed over the ranks: the single-process means) and its
-        counts of trained and seen rows."""
-        if not self.on:  # one process: the values as they are, the counts on the CPU (no transfer per step)
-            return {"loss": losses[0].detach(), "ce": losses[1].detach(), "logits": losses[2].detach(),
-                    "cm": losses[3].detach(), "n": torch.tensor(float(n)), "N": torch.tensor(float(n_seen))}
-        dev = losses[0].device
-        v = torch.stack([t.detach().float() * share for t in losses]
-                        + [torch.tensor(float(n), device=dev), torch.tensor(float(n_seen), device=dev)])
-        return dict(zip(("loss", "ce", "logits", "cm", "n", "N"), self.sum(v)))
+    def fraction(self, correct: int, total: int) -> float:
+        """correct / total over every rank's share (an evaluation split is sharded over the ranks)."""
+        if self.on:
+            dev = self.device if self.device.type == "cuda" else torch.device("cpu")
+            correct, total = self.sum(torch.tensor([correct, total], dtype=torch.float64, device=dev)).tolist()
+        return correct / max(total, 1)
 
     def any(self, flag: bool) -> bool:
         """True on every rank if it is true on one (a stop signal must stop all ranks after the same step)."""
@@ -142,5 +131,51 @@ class Dist:
         dist.all_reduce(t)
         return bool(t.item() > 0)
 
+    def variant(self, trainer_class: type, sizes: Sequence[int]) -> type:
+        """trainer_class with DistributedStep's update; sizes: each training domain's rows in the step batch."""
+        return type(f"Distributed{trainer_class.__name__}", (DistributedStep, trainer_class), {"sizes": list(sizes)})
+
 
 DIST = Dist()
+
+
+class DistributedStep:
+    """Mixin over scmd_ref.SCMDTrainer (or its stale variant): the paper's step on this rank's rows of the step
+    batch. Every rank ranks the whole step batch (the losses, ids and domains are all-gathered), so the kept ids
+    are one process's; the loss is weighted by n_r / n before the gradients are summed over the ranks."""
+
+    sizes: List[int] = []
+
+    def update(self, x, y, domains, ids, step) -> dict:
+        g, n_seen = self.sizes, len(y)
+        selecting, stale = self.selecting(step), hasattr(self.selector, "stale_keep")
+        if selecting:
+            domains, ids = DIST.gather_rows(domains, g), DIST.gather_rows(ids, g)
+            if stale:  # (scmd/stale.py: ranked by the recorded losses, no selection pass)
+                keep = self.selector.stale_keep(domains, ids, step).to(y.device)
+            else:
+                keep = self.selector(DIST.gather_rows(self.per_sample_ce(x, y), g), domains, ids, step)
+            mine = DIST.local_keep(keep, g)
+            x, y = x[mine], y[mine]
+        self.share = len(y) / (len(keep) if selecting else sum(g))  # n_r / n: this rank's weight
+        zero = y.new_zeros((), dtype=torch.float32)
+        loss, loss_ce, loss_logits, loss_cm, z_s = self.losses(x, y) if len(y) else [zero] * 5
+        if selecting and stale:
+            ce = F.cross_entropy(z_s.detach().float(), y, reduction="none") if len(y) else z_s.new_zeros(0)
+            self.selector.observe(step, domains, ids, keep, DIST.kept_in_order(ce, keep, g))
+        self.optimise(loss * self.share)
+        return self.stats((loss, loss_ce, loss_logits, loss_cm), len(y), n_seen)
+
+    def backward(self, loss) -> None:
+        scaled = self.scaler.scale(loss)
+        if scaled.requires_grad:  # (a rank without kept rows has no graph: its gradient is 0)
+            scaled.backward()
+        DIST.sum_gradients([p for grp in self.optimizer.param_groups for p in grp["params"]])
+
+    def stats(self, losses, n: int, n_seen: int) -> dict:
+        """The step's loss terms weighted by this rank's share and summed over the ranks (the single-process means),
+        and the counts of trained and seen rows of all ranks."""
+        dev = losses[0].device
+        v = torch.stack([t.detach().float() * self.share for t in losses]
+                        + [torch.tensor(float(n), device=dev), torch.tensor(float(n_seen), device=dev)])
+        return dict(zip(("loss", "ce", "logits", "cm", "n", "N"), DIST.sum(v)))

@@ -50,9 +50,6 @@ def _registry(dataset: str, lr: float = SPEC_LR) -> Dict[str, Tuple[Any, Draw]]:
     }
 
 
-HPARAM_NAMES = tuple(_registry("vlcs"))
-
-
 def _plain(v: Any) -> Any:
     """numpy scalars -> Python scalars (so hparams serialise to JSON unchanged)."""
     return v.item() if isinstance(v, np.generic) else v

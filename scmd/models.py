@@ -146,15 +146,13 @@ def class_prompts(template: str, class_names) -> list:
     return [template.format(c.replace("_", " ")) for c in class_names]  # folder name, '_' -> ' '
 
 
-def tokenize(teacher: str, prompts) -> torch.Tensor:
-    """The teacher's tokens of the prompts: fastsel's exact copy of open_clip's SimpleTokenizer where the teacher
-    uses that one (tests/test_fastsel_prompts.py holds them equal), else open_clip's own tokenizer."""
+def tokenize(teacher: str, prompts, fastsel=None) -> torch.Tensor:
+    """The teacher's tokens of the prompts: open_clip's tokenizer, or fastsel's exact copy of its SimpleTokenizer
+    when fastsel is given and the teacher uses that one (tests/test_fastsel_prompts.py holds them equal)."""
     import open_clip
 
     tok = open_clip.get_tokenizer(teacher)
-    if type(tok) is open_clip.tokenizer.SimpleTokenizer:
-        import fastsel
-
+    if fastsel is not None and type(tok) is open_clip.tokenizer.SimpleTokenizer:
         return torch.from_numpy(fastsel.PromptTokenizer().tokenize(prompts, tok.context_length))
     return tok(prompts)
 

@@ -26,13 +26,6 @@ LOCK_HOLDER = ".lock.holder"
 TRUNCATED = "truncated_images.txt"
 
 
-def fingerprint_hash(fingerprint: dict) -> str:
-    """Six hex digits naming a run's settings (in the default output folder name)."""
-    import hashlib
-
-    return hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:6]
-
-
 def check_finished_run(out: Path, fingerprint: dict) -> None:
     """A folder's ``done`` marker records the settings of its run; refuse to reuse it for other settings."""
     try:

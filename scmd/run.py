@@ -1,28 +1,28 @@
-"""The plumbing of one run of scmd_ref.py: the device, the dataset folder and its DomainBed splits and loaders,
-resume state, DomainBed records, the progress bar, stop signals and the final report files."""
+"""The plumbing of one run of scmd_ref.py: the output folder, seeding, the device, the dataset folder with its
+DomainBed splits and loaders (Data), the run's state with its verbs (Run: restore, log, add_record, save, stopped,
+finish), the progress bar, stop signals and the one-line error exit."""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import math
+import random
 import signal
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from scmd import data as D
-from scmd import models as M
 from scmd import outputs as O
 from scmd.datasets import DATASETS
 from scmd.dist import DIST
 from scmd.errors import DataError, RunFault, ScmdError, UsageError, one_line
 from scmd.hparams import seed_hash
+from scmd.plots import plot_curves, plot_kept_share
 from scmd.settings import DOMAINBED_ALGORITHM_NAME
 
 
@@ -33,14 +33,25 @@ def say(line: str) -> None:
 
 
 @contextlib.contextmanager
-def run_lock(out: Path):
-    """One run per folder (held by rank 0 under torchrun); temp files of a killed run are removed under it."""
+def output_folder(path: str):
+    """The run's folder, created and proven writable, held for the whole run (one run per folder; held by rank 0
+    under torchrun); temporary files of a killed run are removed under the lock."""
+    out = Path(path)
     if not DIST.main:
-        yield
+        yield out
         return
+    O.prepare_output_dir(out)
     with O.run_lock(out):
         O.remove_stale_temps(out)
-        yield
+        yield out
+
+
+def seed_everything(seed: int) -> None:
+    """DomainBed's train script: Python, numpy and torch seeded with the run seed; deterministic cuDNN."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
 
 
 def device_for(name: str) -> torch.device:
@@ -57,120 +68,109 @@ def device_for(name: str) -> torch.device:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# data: the folder, its index, the images, the in/out splits and the evaluation loaders (spec 8-9)
+# data: the folder, its index, the images, the in/out splits and the loaders (§7)
 
 
-def dataset_root(s) -> Path:
-    data_dir = Path(s.data_dir)
-    info = DATASETS[s.dataset]
+def dataset_root(dataset: str, data_dir: str, download: bool = False, world_per_class=None,
+                 progress: bool = True) -> Path:
+    """The dataset's folder under data_dir: generated on first use (the embedded world), downloaded (--download),
+    or found; a missing folder says how to get it."""
+    data_dir = Path(data_dir)
+    info = DATASETS[dataset]
     if data_dir.exists() and not data_dir.is_dir():
         raise DataError(f"--data-dir {data_dir} is a file, not a folder")
     if info.generate is not None:  # made on first use, deterministically
         try:
-            return info.generate(data_dir, progress=not s.no_progress, n_per_class=s.world_per_class)
+            return info.generate(data_dir, progress=progress, n_per_class=world_per_class)
         except OSError as e:
-            raise DataError(f"cannot write the {s.dataset} dataset into {e.filename or data_dir}: {e.strerror}; "
+            raise DataError(f"cannot write the {dataset} dataset into {e.filename or data_dir}: {e.strerror}; "
                             f"pass a writable --data-dir") from None
     root = data_dir / info.folder
-    if s.download:
+    if download:
         from scmd.download import download_dataset
 
-        root = download_dataset(s.dataset, data_dir)
+        root = download_dataset(dataset, data_dir)
     if not root.exists():
         raise DataError(f"dataset folder {root} not found; download it with `python scmd_ref.py --dataset "
-                        f"{s.dataset} --download --data-dir {data_dir}` or point --data-dir at the folder that "
+                        f"{dataset} --download --data-dir {data_dir}` or point --data-dir at the folder that "
                         f"holds {info.folder}/")
     return root
 
 
-def load_data(s, out: Path, image_size: int) -> SimpleNamespace:
-    """The index (checked against the dataset's table entry), the image store, every env's in/out split and
-    the evaluation loaders (name, loader), in DomainBed's order."""
-    index = D.index_dataset(dataset_root(s))
-    expected = list(DATASETS[s.dataset].envs)
-    if index.envs != expected:
-        raise DataError(f"{index.root} has domains {index.envs}; {s.dataset} expects {expected}")
-    n_envs = len(index.envs)
-    splits = [D.in_out_split(len(index.paths[e]), s.holdout_fraction, s.trial_seed, e) for e in range(n_envs)]
-    for e, (out_idx, in_idx) in enumerate(splits):
-        if len(out_idx) == 0 or len(in_idx) == 0:
-            raise UsageError(f"--holdout-fraction {s.holdout_fraction} leaves domain {index.envs[e]} "
-                             f"({len(index.paths[e])} images) {'no validation' if len(out_idx) == 0 else 'no training'}"
-                             f" images; choose a fraction between {1 / len(index.paths[e]):.3g} and "
-                             f"{1 - 1 / len(index.paths[e]):.3g}")
-    in_memory = DATASETS[s.dataset].in_memory
-    truncated_log = out / O.TRUNCATED
-    store = D.ImageStore(index, preload=in_memory, truncated="refuse" if s.refuse_truncated_images else "pad",
-                         as_tensors=in_memory, truncated_log=str(truncated_log))
-    eval_loaders = []
-    for e in range(n_envs):
-        out_idx, in_idx = splits[e]
-        if e == s.test_env:  # DomainBed reshuffles the test env's in-split (same content)
-            in_idx = in_idx.copy()
-            np.random.RandomState(seed_hash(s.trial_seed, e)).shuffle(in_idx)
-        for name, idx in (("in", in_idx), ("out", out_idx)):
-            if s.eval_splits == "selection" and name == "in" and e != s.test_env:
-                continue  # only reported, never used for selection
-            augmented = e != s.test_env  # DomainBed quirk: training envs are validated on augmented images
-            tf = D.train_transform(image_size) if augmented else D.eval_transform(image_size)
-            split = D.EvalSplit(store, e, idx, tf, augmented, s.seed, f"env{e}_{name}", image_size)
-            eval_loaders.append((f"env{e}_{name}", D.eval_loader(split, 64, s.workers, (DIST.rank, DIST.world))))
-    train_envs = [e for e in range(n_envs) if e != s.test_env]
-    return SimpleNamespace(index=index, store=store, splits=splits, eval_loaders=eval_loaders, train_envs=train_envs,
-                           n_envs=n_envs, truncated_log=truncated_log)
+class Data:
+    """One dataset as a run uses it: the index (checked against the dataset's table entry), the image store, every
+    env's in/out split (DomainBed's), the step-indexed training minibatches and the evaluation loaders."""
 
+    def __init__(self, dataset: str, root: Path, holdout_fraction: float, trial_seed: int, test_env: int, seed: int,
+                 image_size: int, eval_splits: str, workers: int, refuse_truncated: bool, out: Path, fastsel=None):
+        self.index = index = D.index_dataset(root, fastsel)
+        expected = list(DATASETS[dataset].envs)
+        if index.envs != expected:
+            raise DataError(f"{index.root} has domains {index.envs}; {dataset} expects {expected}")
+        self.n_envs = n_envs = len(index.envs)
+        self.splits = [D.in_out_split(len(index.paths[e]), holdout_fraction, trial_seed, e) for e in range(n_envs)]
+        for e, (out_idx, in_idx) in enumerate(self.splits):
+            if len(out_idx) == 0 or len(in_idx) == 0:
+                n = len(index.paths[e])
+                raise UsageError(f"--holdout-fraction {holdout_fraction} leaves domain {index.envs[e]} ({n} images) "
+                                 f"{'no validation' if len(out_idx) == 0 else 'no training'} images; choose a "
+                                 f"fraction between {1 / n:.3g} and {1 - 1 / n:.3g}")
+        in_memory = DATASETS[dataset].in_memory
+        self.truncated_log = out / O.TRUNCATED
+        self.store = D.ImageStore(index, preload=in_memory, truncated="refuse" if refuse_truncated else "pad",
+                                  as_tensors=in_memory, truncated_log=str(self.truncated_log))
+        self.test_env, self.seed, self.image_size, self.workers = test_env, seed, image_size, workers
+        self.train_envs = [e for e in range(n_envs) if e != test_env]
+        self.evaluated = []  # (name, loader) of every evaluated split, in DomainBed's order
+        for e in range(n_envs):
+            out_idx, in_idx = self.splits[e]
+            if e == test_env:  # DomainBed reshuffles the test env's in-split (same content)
+                in_idx = in_idx.copy()
+                np.random.RandomState(seed_hash(trial_seed, e)).shuffle(in_idx)
+            for name, idx in (("in", in_idx), ("out", out_idx)):
+                if eval_splits == "selection" and name == "in" and e != test_env:
+                    continue  # only reported, never used for selection
+                augmented = e != test_env  # DomainBed quirk: training envs are validated on augmented images
+                tf = D.train_transform(image_size) if augmented else D.eval_transform(image_size)
+                split = D.EvalSplit(self.store, e, idx, tf, augmented, seed, f"env{e}_{name}", image_size)
+                self.evaluated.append((f"env{e}_{name}", D.eval_loader(split, 64, workers, (DIST.rank, DIST.world))))
 
-def train_loaders(s, data, batch_size: int, image_size: int, start_step: int, device, lazy_until: int = -1) -> list:
-    """One step-indexed loader per training env: the minibatch of step t is a function of (seed, env, t).
-    In-memory batches of steps <= lazy_until come as D.LazyImages (pixels made only for the rows taken)."""
-    return [iter(D.train_loader(D.StepBatches(data.store, e, data.splits[e][1], batch_size, s.seed, image_size,
-                                              DIST.share(batch_size), lazy_until),
-                                start_step, s.workers, pin_memory=device.type == "cuda")) for e in data.train_envs]
+    def step_batches(self, batch_size: int, start_step: int, device, lazy_until: int = -1):
+        """The (x, y, domains, ids) of every step from start_step: one minibatch per training env, concatenated in
+        env order on `device`; the minibatch of step t is a function of (seed, env, t). In-memory batches of steps
+        <= lazy_until come as D.LazyImages (pixels made only for the rows taken)."""
+        iters = [iter(D.train_loader(D.StepBatches(self.store, e, self.splits[e][1], batch_size, self.seed,
+                                                   self.image_size, DIST.share(batch_size), lazy_until),
+                                     start_step, self.workers, pin_memory=device.type == "cuda"))
+                 for e in self.train_envs]
+        while True:
+            parts = [next(it) for it in iters]
+            x = D.cat_images([b[0] for b in parts], device)  # pinned -> async copies on CUDA
+            y = torch.cat([b[1].to(device, non_blocking=True) for b in parts])
+            ids = torch.cat([b[2] for b in parts])
+            domains = torch.cat([torch.full((len(b[1]),), e, dtype=torch.int64)
+                                 for e, b in zip(self.train_envs, parts)])
+            yield x, y, domains, ids
 
+    def eval_loaders(self, step: int) -> list:
+        """(name, loader) of every evaluated split; training envs' splits are augmented with draws fixed by step."""
+        for _, loader in self.evaluated:
+            loader.batch_sampler.eval_step = step
+        return self.evaluated
 
-def steps_per_epoch(data, batch_size: int) -> float:
-    return min(len(data.splits[e][1]) / batch_size for e in data.train_envs)
+    def clip_loaders(self, size: int) -> list:
+        """One loader per env over all its images, clean and CLIP-normalised (the Table 1 teacher row)."""
+        tf = D.eval_transform(size, D.CLIP_MEAN, D.CLIP_STD)
+        return [D.eval_loader(D.EvalSplit(self.store, e, np.arange(len(self.index.paths[e])), tf, augmented=False,
+                                          seed=0, name=f"t{e}", size=size, mean=D.CLIP_MEAN, std=D.CLIP_STD),
+                              128, self.workers, (DIST.rank, DIST.world)) for e in range(self.n_envs)]
 
-
-@torch.no_grad()
-def teacher_zero_shot(s, clip, data, prompt: str, device) -> list:
-    """The teacher's zero-shot accuracy per domain, as the paper's Table 1 teacher row: clean images
-    (no augmentation), CLIP normalisation, prompt 'a photo of a {}'."""
-    tokens = M.tokenize(s.teacher, M.class_prompts(prompt, data.index.classes)).to(device)
-    t_hat = F.normalize(clip.encode_text(tokens).float(), dim=-1)
-    size = M.image_size_of(clip)
-    tf = D.eval_transform(size, D.CLIP_MEAN, D.CLIP_STD)
-    accs = []
-    for e in range(data.n_envs):
-        split = D.EvalSplit(data.store, e, np.arange(len(data.index.paths[e])), tf, augmented=False, seed=0,
-                            name=f"t{e}", size=size, mean=D.CLIP_MEAN, std=D.CLIP_STD)
-        correct = 0
-        for x, y in D.eval_loader(split, 128, s.workers):
-            z = F.normalize(clip.encode_image(x.to(device)).float(), dim=-1) @ t_hat.T
-            correct += (z.argmax(1).cpu() == y).sum().item()
-        accs.append(correct / len(split))
-    return accs
-
-
-# ---------------------------------------------------------------------------------------------------------
-# the hard-sample tracker (observational: it never changes what is selected)
-
-
-def make_tracker(s, index):
-    import fastsel
-
-    return fastsel.Tracker(index.n_samples, len(index.envs), window=s.checkpoint_freq)
-
-
-def tracker_state(tracker):
-    if tracker is None:
-        return None
-    return {k: (torch.from_numpy(np.ascontiguousarray(v)) if isinstance(v, np.ndarray) else v)
-            for k, v in tracker.state_dict().items()}
+    def steps_per_epoch(self, batch_size: int) -> float:
+        return min(len(self.splits[e][1]) / batch_size for e in self.train_envs)
 
 
 # ---------------------------------------------------------------------------------------------------------
-# resume
+# one run's state: resume, records, checkpoints, stop, final report
 
 
 def finished(out: Path, fingerprint: dict, resume: str) -> bool:
@@ -183,52 +183,167 @@ def finished(out: Path, fingerprint: dict, resume: str) -> bool:
     return False
 
 
-def restore(out: Path, resume: str, fingerprint: dict, trainer, tracker):
-    """(checkpoint or None, first step, records so far, window sums) of the run in `out`."""
-    ckpt = O.load_checkpoint(out / O.CKPT_LAST) if resume != "no" else None
-    if resume == "yes" and ckpt is None:
-        raise UsageError(f"--resume yes: no checkpoint in {out}")
-    if ckpt is None:  # a run without a checkpoint (or --resume no) starts afresh: nothing of an older run stays
-        for name in (O.DONE, O.RESULTS, O.TRUNCATED, "summary.json", "hardness.json", "kept_share.png", O.CKPT_BEST):
-            if DIST.main:
-                (out / name).unlink(missing_ok=True)
-        return None, 0, [], None
-    if ckpt["fingerprint"] != fingerprint:
-        diff = sorted(k for k in set(fingerprint) | set(ckpt["fingerprint"])
-                      if fingerprint.get(k) != ckpt["fingerprint"].get(k))
-        raise UsageError(f"{out} holds a run made with different settings ({', '.join(diff)}); use another "
-                         f"--output-dir, or --resume no to start afresh there")
-    load_trainer_state(trainer, ckpt["trainer"])
-    if tracker is not None:
-        tracker.load_state_dict({k: (v.numpy() if torch.is_tensor(v) else v) for k, v in ckpt["tracker"].items()})
-    O.set_rng_state(ckpt["rng"])
-    records = [r for r in O.read_records(out / O.RESULTS) if r["step"] <= ckpt["step"]]
-    if DIST.main:
-        O.rewrite_records(out / O.RESULTS, records)
-    say(f"[scmd] resuming {out} at step {ckpt['step'] + 1} ({len(records)} records kept)")
-    return ckpt, ckpt["step"] + 1, records, ckpt["window"]
+def record_fields(s, hparams: dict) -> dict:
+    """The fields every record of the run repeats: DomainBed's args (so its collect_results reads our folders), the
+    hparams, and every setting of ours."""
+    db_args = {"dataset": DATASETS[s.dataset].domainbed_name, "algorithm": DOMAINBED_ALGORITHM_NAME[s.algorithm],
+               "test_envs": [s.test_env], "data_dir": s.data_dir, "output_dir": s.output_dir, "hparams": s.hparams,
+               "hparams_seed": s.hparams_seed, "trial_seed": s.trial_seed, "seed": s.seed, "steps": s.steps,
+               "checkpoint_freq": s.checkpoint_freq, "holdout_fraction": s.holdout_fraction,
+               "uda_holdout_fraction": 0, "task": "domain_generalization", "skip_model_save": False,
+               "save_model_every_checkpoint": False}
+    return {"args": db_args, "hparams": hparams,
+            "scmd_args": {k: v for k, v in vars(s).items() if isinstance(v, (int, float, str, bool, type(None)))}}
 
 
-def save_last(out: Path, step: int, trainer, tracker, window: dict, fingerprint: dict, teacher_acc) -> None:
-    if DIST.main:
-            O.atomic_torch_save({"step": step, "trainer": trainer_state(trainer), "rng": O.rng_state(),
-                             "tracker": tracker_state(tracker), "window": window, "fingerprint": fingerprint,
-                             "teacher_zero_shot": teacher_acc}, out / O.CKPT_LAST)
+class Run:
+    """What a run checkpoints, stops and reports with: its folder and settings fingerprint, the trainer (and the
+    selector's tracker), the records so far, the loss/time sums since the last record, the progress bar and the
+    teacher's zero-shot accuracy. Rank 0 writes (torchrun)."""
+
+    def __init__(self, out: Path, fingerprint: dict, trainer, stop, fields: dict, steps: int, envs: list,
+                 test_env: int, progress: bool = True):
+        self.out, self.fingerprint, self.trainer, self.stop, self.fields = out, fingerprint, trainer, stop, fields
+        self.tracker = getattr(trainer.selector, "tracker", None)
+        self.envs, self.test_env, self.steps = envs, test_env, steps
+        self.records, self.window, self.teacher_acc = [], _new_window(), None
+        self.progress, self.stats = progress, None
+
+    # --- start ----------------------------------------------------------------------------------------------
+    def restore(self, resume: str) -> int:
+        """Loads the folder's checkpoint (trainer, tracker, RNG, records, sums); returns the first step to run."""
+        out = self.out
+        ckpt = O.load_checkpoint(out / O.CKPT_LAST) if resume != "no" else None
+        if resume == "yes" and ckpt is None:
+            raise UsageError(f"--resume yes: no checkpoint in {out}")
+        if ckpt is None:  # a run without a checkpoint (or --resume no) starts afresh: nothing of an older run stays
+            for name in (O.DONE, O.RESULTS, O.TRUNCATED, "summary.json", "hardness.json", "kept_share.png",
+                         "curves.png", O.CKPT_BEST):
+                if DIST.main:
+                    (out / name).unlink(missing_ok=True)
+            return self._start(0)
+        if ckpt["fingerprint"] != self.fingerprint:
+            diff = sorted(k for k in set(self.fingerprint) | set(ckpt["fingerprint"])
+                          if self.fingerprint.get(k) != ckpt["fingerprint"].get(k))
+            raise UsageError(f"{out} holds a run made with different settings ({', '.join(diff)}); use another "
+                             f"--output-dir, or --resume no to start afresh there")
+        load_trainer_state(self.trainer, ckpt["trainer"])
+        if self.tracker is not None:
+            self.tracker.load_state_dict({k: (v.numpy() if torch.is_tensor(v) else v)
+                                          for k, v in ckpt["tracker"].items()})
+        O.set_rng_state(ckpt["rng"])
+        self.records = [r for r in O.read_records(out / O.RESULTS) if r["step"] <= ckpt["step"]]
+        if DIST.main:
+            O.rewrite_records(out / O.RESULTS, self.records)
+        self.window, self.teacher_acc = ckpt["window"], ckpt["teacher_zero_shot"]
+        say(f"[scmd] resuming {out} at step {ckpt['step'] + 1} ({len(self.records)} records kept)")
+        return self._start(ckpt["step"] + 1)
+
+    def _start(self, step: int) -> int:
+        a = self.fields["scmd_args"]
+        self.stats = Stats(self.steps, step, f"{a['algorithm']} te{a['test_env']}", self.progress)
+        return step
+
+    # --- every step -----------------------------------------------------------------------------------------
+    def stop_requested(self) -> bool:
+        return DIST.any(self.stop.requested)  # (torchrun: a signal to one rank stops every rank after this step)
+
+    def next_batch(self, batches):
+        """The next step batch, or None when a stop signal also ended the loader workers."""
+        if self.stats.t_mark is None:
+            self.stats.restart_clock()  # the time per step counts from the first step batch on
+        try:
+            return next(batches)
+        except Exception:
+            if self.stop.requested:
+                return None
+            raise
+
+    def log(self, step: int, stats: dict, flush: bool = False) -> None:
+        """The step's losses (read from the device every 10 steps, and at a flush); stops on a NaN/inf loss."""
+        self.stats.add(step, stats, self.window)
+        if flush:
+            self.stats.flush(self.window)
+
+    # --- every evaluation and checkpoint ----------------------------------------------------------------------
+    def add_record(self, step: int, accs: dict, epoch: float) -> None:
+        """Appends the evaluation record; keeps the SMA weights of the best one by training-domain validation;
+        redraws curves.png."""
+        t, w = self.trainer, self.window
+        device = t.device
+        rec = {"step": step, "epoch": epoch, "loss": w["loss"] / max(w["count"], 1),
+               "step_time": w["time"] / max(w["count"], 1),
+               "mem_gb": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0,
+               **accs, **self.fields, "selecting": t.selecting(step)}
+        if t.use_cm:
+            rec["cm_logit_scale"] = float(t.theta.detach().exp())
+        self.records.append(rec)
+        sel = O.training_domain_selection(self.records, self.test_env, len(self.envs))
+        if DIST.main:
+            O.append_record(self.out / O.RESULTS, rec)
+            if sel["record"] is rec:
+                O.atomic_torch_save({"step": step, "sma": t.sma.net.state_dict(), "record": rec,
+                                     "fingerprint": self.fingerprint}, self.out / O.CKPT_BEST)
+            plot_curves(self.records, self.envs, self.test_env, t.cutoff if t.use_selection else None,
+                        sel["record"]["step"], self.teacher_acc, self.out / "curves.png")
+        self.window = _new_window()
+        self.stats.write(f"step {step}: train-domain val {100 * sel['val_acc']:.1f}% (best), "
+                         f"test-domain {100 * rec[f'env{self.test_env}_in_acc']:.1f}%")
+
+    def save(self, step: int) -> None:
+        """checkpoint_last.pt: everything the run needs to continue after `step` exactly as if never stopped."""
+        if DIST.main:
+            O.atomic_torch_save({"step": step, "trainer": trainer_state(self.trainer), "rng": O.rng_state(),
+                                 "tracker": tracker_state(self.tracker), "window": self.window,
+                                 "fingerprint": self.fingerprint, "teacher_zero_shot": self.teacher_acc},
+                                self.out / O.CKPT_LAST)
+        self.stats.restart_clock()
+
+    # --- the end ------------------------------------------------------------------------------------------------
+    def stopped(self, step: int) -> int:
+        """After a stop signal: the checkpoint of the last finished step, one line, exit status 128 + signal."""
+        self.stats.flush(self.window)
+        self.stats.close()
+        if step >= 0:
+            self.save(step)
+        where = f"after step {step}; checkpoint in {self.out}" if step >= 0 else "before the first step"
+        if self.stop.requested:  # (torchrun: the ranks that got no signal stop with the one that did)
+            say(f"scmd_ref.py: stopped by {self.stop.name()} {where}; rerun the same command to resume")
+        return self.stop.exit_code() if self.stop.requested else 128 + signal.SIGTERM
+
+    def finish(self, hparams: dict, data: Data) -> int:
+        """summary.json, hardness.json and kept_share.png (with a tracker), then the done marker; prints the table."""
+        self.stats.close()
+        if not DIST.main:
+            return 0
+        out, envs = self.out, self.envs
+        selected = O.training_domain_selection(self.records, self.test_env, len(envs))
+        truncated = D.truncated_files(str(data.truncated_log))
+        summary = {"selected_step": selected["record"]["step"], "val_acc": selected["val_acc"],
+                   "test_env": self.test_env, "test_acc": selected["record"][f"env{self.test_env}_in_acc"],
+                   "envs": envs, "teacher_zero_shot": self.teacher_acc,
+                   "algorithm": self.fields["scmd_args"]["algorithm"], "hparams": hparams,
+                   "truncated_images": len(truncated)}
+        if self.tracker is not None:
+            report = json.loads(self.tracker.report_json())
+            report["hardest_paths"] = {envs[int(d["domain"])]: [data.index.global_path(h["sample_id"])
+                                                                for h in d["hardest"]] for d in report["domains"]}
+            O.atomic_write_bytes(out / "hardness.json", json.dumps(report, indent=1).encode())
+            plot_kept_share(report, envs, hparams["worst_case_p"], out / "kept_share.png")
+        O.atomic_write_bytes(out / "summary.json", json.dumps(summary, indent=1).encode())
+        O.atomic_write_bytes(out / O.DONE, json.dumps(self.fingerprint, indent=1, sort_keys=True).encode())
+        if truncated:
+            print(f"[scmd] warning: {len(truncated)} truncated image file(s) were loaded padded, as DomainBed "
+                  f"does; list in {data.truncated_log} (--refuse-truncated-images stops on them instead)",
+                  file=sys.stderr)
+        print(O.format_table(envs, self.test_env, selected, self.teacher_acc))
+        print(f"[scmd] results in {out}")
+        return 0
 
 
-def add_record(out: Path, records: list, rec: dict, s, data, step: int, sma_net, fingerprint: dict) -> dict:
-    """Appends an evaluation record; keeps the SMA weights of the best one by training-domain validation."""
-    sel = O.training_domain_selection(records, s.test_env, data.n_envs)
-    if DIST.main:
-        O.append_record(out / O.RESULTS, rec)
-        if sel["record"] is rec:
-            O.atomic_torch_save({"step": step, "sma": sma_net.state_dict(), "record": rec, "fingerprint": fingerprint},
-                                out / O.CKPT_BEST)
-    return sel
-
-
-# ---------------------------------------------------------------------------------------------------------
-# records (DomainBed's fields, so its collect_results reads our folders, plus ours)
+def _new_window() -> dict:
+    """Sums over the steps since the last evaluation record (saved in checkpoints)."""
+    return {"loss": 0.0, "count": 0, "time": 0.0}
 
 
 def trainer_state(t) -> dict:
@@ -253,30 +368,11 @@ def load_trainer_state(t, st: dict) -> None:
     t.scaler.load_state_dict(st["scaler"])
 
 
-def new_window() -> dict:
-    """Sums over the steps since the last evaluation record (saved in checkpoints)."""
-    return {"loss": 0.0, "count": 0, "time": 0.0}
-
-
-def record_head(s, hparams, data, step: int, window: dict, device) -> dict:
-    mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
-    return {"step": step, "epoch": step / steps_per_epoch(data, hparams["batch_size"]),
-            "loss": window["loss"] / max(window["count"], 1), "step_time": window["time"] / max(window["count"], 1),
-            "mem_gb": mem}
-
-
-def record_tail(s, hparams, selecting: bool, cm_logit_scale) -> dict:
-    db_args = {"dataset": DATASETS[s.dataset].domainbed_name, "algorithm": DOMAINBED_ALGORITHM_NAME[s.algorithm],
-               "test_envs": [s.test_env], "data_dir": s.data_dir, "output_dir": s.output_dir, "hparams": s.hparams,
-               "hparams_seed": s.hparams_seed, "trial_seed": s.trial_seed, "seed": s.seed, "steps": s.steps,
-               "checkpoint_freq": s.checkpoint_freq, "holdout_fraction": s.holdout_fraction,
-               "uda_holdout_fraction": 0, "task": "domain_generalization", "skip_model_save": False,
-               "save_model_every_checkpoint": False}
-    fields = {"args": db_args, "hparams": hparams, "selecting": selecting,
-              "scmd_args": {k: v for k, v in vars(s).items() if isinstance(v, (int, float, str, bool, type(None)))}}
-    if cm_logit_scale is not None:
-        fields["cm_logit_scale"] = cm_logit_scale
-    return fields
+def tracker_state(tracker):
+    if tracker is None:
+        return None
+    return {k: (torch.from_numpy(np.ascontiguousarray(v)) if isinstance(v, np.ndarray) else v)
+            for k, v in tracker.state_dict().items()}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -289,14 +385,13 @@ class Stats:
 
     KEYS = ("loss", "ce", "logits", "cm", "n", "N")
 
-    def __init__(self, s, start_step: int):
-        self.pending, self.t_mark = [], time.time()
+    def __init__(self, steps: int, start_step: int, desc: str, progress: bool = True):
+        self.pending, self.t_mark = [], None  # the clock starts with the first step batch
         self.pbar = None
-        if not s.no_progress and DIST.main:
+        if progress and DIST.main:
             from tqdm import tqdm
 
-            self.pbar = tqdm(total=s.steps, initial=start_step, desc=f"{s.algorithm} te{s.test_env}",
-                             dynamic_ncols=True, file=sys.stderr)
+            self.pbar = tqdm(total=steps, initial=start_step, desc=desc, dynamic_ncols=True, file=sys.stderr)
 
     def add(self, step: int, stats: dict, window: dict) -> None:
         self.pending.append((step, stats))
@@ -319,7 +414,8 @@ class Stats:
                 self.pbar.set_postfix_str(f"L {v[0]:.3f} CE {v[1]:.3f} logits {v[2]:.3f} CM {v[3]:.3f} "
                                           f"n {int(v[4])}/{int(v[5])}")
                 self.pbar.update(len(self.pending))
-        window["time"] += time.time() - self.t_mark
+        if self.t_mark is not None:
+            window["time"] += time.time() - self.t_mark
         self.pending = []
         self.restart_clock()
 
@@ -372,45 +468,6 @@ class StopSignals:
 
     def name(self) -> str:
         return signal.Signals(self.signum).name
-
-
-# ---------------------------------------------------------------------------------------------------------
-# final report
-
-
-def write_report(out: Path, s, hparams, data, records, teacher_acc, tracker, fingerprint) -> str:
-    """summary.json, hardness.json and kept_share.png (selection runs), then the done marker; returns the table."""
-    selected = O.training_domain_selection(records, s.test_env, data.n_envs)
-    truncated = D.truncated_files(str(data.truncated_log))
-    summary = {"selected_step": selected["record"]["step"], "val_acc": selected["val_acc"], "test_env": s.test_env,
-               "test_acc": selected["record"][f"env{s.test_env}_in_acc"], "envs": data.index.envs,
-               "teacher_zero_shot": teacher_acc, "algorithm": s.algorithm, "hparams": hparams,
-               "truncated_images": len(truncated)}
-    if tracker is not None:
-        report = json.loads(tracker.report_json())
-        report["hardest_paths"] = {data.index.envs[int(d["domain"])]: [data.index.global_path(h["sample_id"])
-                                                                       for h in d["hardest"]]
-                                   for d in report["domains"]}
-        O.atomic_write_bytes(out / "hardness.json", json.dumps(report, indent=1).encode())
-        O.plot_kept_share(report, data.index.envs, hparams["worst_case_p"], out / "kept_share.png")
-    O.atomic_write_bytes(out / "summary.json", json.dumps(summary, indent=1).encode())
-    O.atomic_write_bytes(out / O.DONE, json.dumps(fingerprint, indent=1, sort_keys=True).encode())
-    if truncated:
-        print(f"[scmd] warning: {len(truncated)} truncated image file(s) were loaded padded, as DomainBed does; "
-              f"list in {data.truncated_log} (--refuse-truncated-images stops on them instead)", file=sys.stderr)
-    return O.format_table(data.index.envs, s.test_env, selected, teacher_acc)
-
-
-def stopped(out: Path, step: int, trainer, tracker, window, fingerprint, teacher_acc, stats, stop) -> int:
-    """After a stop signal: the checkpoint of the last finished step, one line, exit status 128 + signal."""
-    stats.flush(window)
-    stats.close()
-    if step >= 0:
-        save_last(out, step, trainer, tracker, window, fingerprint, teacher_acc)
-    where = f"after step {step}; checkpoint in {out}" if step >= 0 else "before the first step"
-    if stop.requested:  # (torchrun: the ranks that got no signal stop with the one that did)
-        say(f"scmd_ref.py: stopped by {stop.name()} {where}; rerun the same command to resume")
-    return stop.exit_code() if stop.requested else 128 + signal.SIGTERM
 
 
 def cli(main, argv=None) -> int:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import os
 import re
@@ -58,21 +59,13 @@ def parse(cls, argv: Optional[Sequence[str]], doc: str):
     return cls(**vars(parser_for(cls, doc.split("\n\n")[0]).parse_args(argv)))
 
 
-def check_or_exit(cls, argv: Sequence[str], algorithms: dict, doc: str) -> None:
+def check_or_exit(cls, argv: Sequence[str], algorithms: dict, doc: str, has_fastsel: bool) -> None:
     """--help, or the one-line error of a bad setting and exit status 2; returns when the settings are good."""
     try:
-        resolve(parse(cls, argv, doc), algorithms)
+        resolve(parse(cls, argv, doc), algorithms, has_fastsel)
     except UsageError as e:
         print(f"scmd_ref.py: error: {e}", file=sys.stderr)
         sys.exit(2)
-
-
-def fastsel_available() -> bool:
-    try:
-        import fastsel  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -96,8 +89,9 @@ def check_prompt(template: str) -> None:
                          f"got {template!r}; write it like 'a photo of a {{}}'")
 
 
-def resolve(s, algorithms: dict) -> tuple:
-    """Fill the dataset's defaults into the settings and check every one; returns (settings, hparams)."""
+def resolve(s, algorithms: dict, has_fastsel: bool) -> tuple:
+    """Fill the dataset's defaults into the settings and check every one; returns (settings, hparams).
+    has_fastsel: whether the Rust extension is importable (only --selector fastsel and stale losses need it)."""
     s.dataset = canonical_dataset(s.dataset, list(DATASETS))
     info = DATASETS[s.dataset]
     s.algorithm = _canonical_algorithm(s.algorithm, algorithms)
@@ -147,8 +141,12 @@ def resolve(s, algorithms: dict) -> tuple:
     if s.selection_losses == "stale" and not use_selection:
         raise UsageError(f"--selection-losses stale needs an algorithm with selection (scmd, scmd-no-cm); "
                          f"{s.algorithm} has none")
-    if not fastsel_available():  # indexing, prompt tokens and the tracker are fastsel's whatever the --selector
-        raise UsageError("the fastsel extension is not built; run `bash scripts/setup.sh` (or install its wheel)")
+    if not has_fastsel and s.selector == "fastsel":
+        raise UsageError("--selector fastsel: the fastsel extension is not installed; build it with `bash "
+                         "scripts/setup.sh` (needs cargo), or use --selector torch (the same selection)")
+    if not has_fastsel and s.selection_losses == "stale":
+        raise UsageError("--selection-losses stale ranks by the per-sample losses that fastsel's tracker records, and "
+                         "the fastsel extension is not installed; build it with `bash scripts/setup.sh` (needs cargo)")
     if not DEVICE_SYNTAX.match(s.device):
         raise UsageError(f"--device must be auto, cpu, cuda or cuda:N, got {s.device!r}")
     s.workers = (0 if info.in_memory else min(4, os.cpu_count() or 1)) if s.workers is None else s.workers
@@ -173,6 +171,21 @@ def _canonical_algorithm(name: str, algorithms: dict) -> str:
         raise UsageError(f"unknown --algorithm {name!r}; choose one of: {', '.join(algorithms)} (DomainBed's names "
                          f"SCMD, ERM, ... work too)")
     return key
+
+
+def default_output_dir(s, fingerprint: dict) -> str:
+    """outputs/<dataset>_<algorithm>_te<env>_h<hp>_t<trial>_s<seed>_<hash of every setting that changes the result>"""
+    return f"outputs/{run_name(s, fingerprint)}"
+
+
+def run_name(s, fingerprint: dict) -> str:
+    return (f"{s.dataset}_{s.algorithm}_te{s.test_env}_h{s.hparams_seed}_t{s.trial_seed}_s{s.seed}_"
+            f"{fingerprint_hash(fingerprint)}")
+
+
+def fingerprint_hash(fingerprint: dict) -> str:
+    """Six hex digits naming a run's settings (in the default output folder name)."""
+    return hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:6]
 
 
 def fingerprint(s, hparams: dict) -> dict:

@@ -104,9 +104,10 @@ def make_run(dataset: str, algorithm: str, test_env: int, hparams_seed: int, tri
     argv = ["--dataset", dataset, "--algorithm", algorithm, "--test-env", str(test_env), "--hparams-seed",
             str(hparams_seed), "--trial-seed", str(trial_seed), "--seed", str(seed), "--data-dir", data_dir,
             "--no-progress", *extra]
-    s, hp = S.resolve(S.parse(scmd_ref.Settings, argv, scmd_ref.__doc__), scmd_ref.ALGORITHMS)
+    s, hp = S.resolve(S.parse(scmd_ref.Settings, argv, scmd_ref.__doc__), scmd_ref.ALGORITHMS,
+                      scmd_ref.fastsel is not None)
     fp = S.fingerprint(s, hp)
-    name = name or f"{dataset}_{algorithm}_te{test_env}_h{hparams_seed}_t{trial_seed}_s{seed}_{O.fingerprint_hash(fp)}"
+    name = name or S.run_name(s, fp)
     out = output_dir / name
     return Run(dataset, algorithm, test_env, hparams_seed, trial_seed, seed, str(out),
                [*argv, "--output-dir", str(out)], fp, gpus)
@@ -406,16 +407,14 @@ def load_records(output_dir: Path) -> List[dict]:
 
 
 def training_domain_acc(run_records: List[dict]) -> Optional[dict]:
-    """DomainBed's IIDAccuracySelectionMethod.run_acc: the record with the best mean out-split accuracy of the
-    training envs (the first maximum); its test env in-split accuracy."""
-    best = None
-    for r in run_records:
-        te = r["args"]["test_envs"][0]
-        n_envs = len([k for k in r if k.startswith("env") and k.endswith("_out_acc")])
-        val = float(np.mean([r[f"env{i}_out_acc"] for i in range(n_envs) if i != te]))
-        if best is None or val > best["val_acc"]:
-            best = {"val_acc": val, "test_acc": r[f"env{te}_in_acc"]}
-    return best
+    """DomainBed's IIDAccuracySelectionMethod.run_acc: the record that scmd.outputs.training_domain_selection picks
+    (the best mean out-split accuracy of the training envs, the first maximum); its test env in-split accuracy."""
+    if not run_records:
+        return None
+    te = run_records[0]["args"]["test_envs"][0]
+    n_envs = len([k for k in run_records[0] if k.startswith("env") and k.endswith("_out_acc")])
+    sel = O.training_domain_selection(run_records, te, n_envs)
+    return {"val_acc": sel["val_acc"], "test_acc": sel["record"][f"env{te}_in_acc"]}
 
 
 def oracle_acc(run_records: List[dict]) -> Optional[dict]:

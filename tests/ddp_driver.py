@@ -9,6 +9,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import scmd_ref as S  # noqa: E402
+from scmd.stale import StaleSelector  # noqa: E402
 
 KEPT = {}
 
@@ -24,7 +25,7 @@ def logged(rank_keep):
 
 
 S.Selector.__call__ = logged(S.Selector.__call__)
-S.Selector.stale_keep = logged(S.Selector.stale_keep)
+StaleSelector.stale_keep = logged(StaleSelector.stale_keep)
 code = S.R.cli(S.main, sys.argv[1:])
 Path(f"{os.environ['SCMD_KEPT_LOG']}.{os.environ.get('RANK', '0')}.json").write_text(json.dumps(KEPT))
 sys.exit(code)

@@ -3,7 +3,6 @@ counts and horizon, shapes. Tiny networks on CPU; each test says what it proves.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import math
 
@@ -13,7 +12,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import fastsel
 import scmd_ref as S
+from scmd import stale
+from scmd.stale import StaleSelector
 
 
 class TinyBackbone(nn.Module):
@@ -45,13 +47,15 @@ class FixedTeacher(nn.Module):
 
 def make_trainer(algorithm="scmd", horizon=5000, hp=None, n_classes=4, losses="fresh", tracker=None, kind="torch"):
     torch.manual_seed(0)
-    args = argparse.Namespace(algorithm=algorithm, selection_horizon=horizon, selection_losses=losses)
     hparams = {"lambda1": 0.5, "lambda2": 0.5, "temperature": 3.0, "worst_case_p": 0.2, "last_k_epoch": 0.25,
                "lr": 1e-2, "weight_decay": 0.0, "batch_size": 32, "resnet_dropout": 0.0}
     hparams.update(hp or {})
     student = S.Student(TinyBackbone(), n_classes, hparams["resnet_dropout"])
-    selector = S.Selector(kind, False, hparams["worst_case_p"], tracker)
-    return S.SCMDTrainer(args, hparams, student, FixedTeacher(n_classes), selector, torch.device("cpu"))
+    selector = S.Selector(hparams["worst_case_p"], False, fastsel if kind == "fastsel" else None, tracker)
+    trainer_class = S.SCMDTrainer
+    if losses == "stale":
+        selector, trainer_class = StaleSelector(selector, tracker, 0), stale.variant(S.SCMDTrainer)
+    return trainer_class(student, FixedTeacher(n_classes), selector, hparams, algorithm, horizon, torch.device("cpu"))
 
 
 def batch(n=96, n_classes=4, seed=0):
@@ -206,11 +210,9 @@ def test_student_and_projector_shapes_for_resnet50():
     assert tuple(st.classifier.weight.shape) == (7, 2048) and st.classifier.bias is not None
     with torch.no_grad():
         assert st(torch.randn(2, 3, 64, 64)).shape == (2, 7)
-    tr_args = argparse.Namespace(algorithm="scmd", selection_horizon=5000, selection_losses="fresh")
     hp = {"lambda1": 0.5, "lambda2": 0.5, "temperature": 3.0, "worst_case_p": 0.2, "last_k_epoch": 0.25,
           "lr": 5e-5, "weight_decay": 0.0, "batch_size": 32, "resnet_dropout": 0.0}
-    tr = S.SCMDTrainer(tr_args, hp, st, FixedTeacher(7, 512), S.Selector("torch", False, 0.2, None),
-                       torch.device("cpu"))
+    tr = S.SCMDTrainer(st, FixedTeacher(7, 512), S.Selector(0.2), hp, "scmd", 5000, torch.device("cpu"))
     assert tuple(tr.projector.weight.shape) == (512, 2048) and tr.projector.bias is None
 
 
@@ -223,8 +225,6 @@ def test_stale_selection_ranks_candidates_by_their_last_recorded_training_ce(kin
     """--selection-losses stale: no selection pass; the kept rows are the candidates with the largest recorded CE
     (never-scored first, ties in the order of numpy's permutation drawn from (seed, step)), and the tracker then
     holds each kept sample's CE from this step's training forward, before the update."""
-    import fastsel
-
     tracker = fastsel.Tracker(150, 3)
     tr = make_trainer(losses="stale", tracker=tracker, kind=kind)
     tr.per_sample_ce = _no_selection_pass
@@ -267,8 +267,6 @@ def test_stale_selection_ranks_candidates_by_their_last_recorded_training_ce(kin
 def test_fresh_selection_scores_every_row_and_keeps_the_selection_pass_top_k():
     """The faithful mode is the paper's: the kept rows are the top k of the selection pass, and the tracker only
     records (every row carries its selection-pass loss; nothing recorded is read back)."""
-    import fastsel
-
     tracker = fastsel.Tracker(150, 3)
     tr = make_trainer(tracker=tracker, kind="fastsel")
     x, y, dom, ids = batch(seed=3)

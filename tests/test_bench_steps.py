@@ -184,10 +184,10 @@ def test_data_loading_kept_share(tmp_path):
 
 def test_stale_selection_probe_runs_on_the_lazy_loop(tmp_path):
     """bench/stale_selection.py ranks the same batch fresh (full pixels) beside the stale run (kept rows only)."""
-    import scmd_ref
     from bench import stale_selection
+    from scmd.stale import StaleStep
 
-    update = scmd_ref.SCMDTrainer.update
+    update = StaleStep.update
     out = tmp_path / "stale.json"
     r = stale_selection.main(["--data-dir", str(tmp_path), "--world-per-class", "5", "--steps", "6", "--window", "3",
                               "--out", str(out)])
@@ -195,4 +195,4 @@ def test_stale_selection_probe_runs_on_the_lazy_loop(tmp_path):
     assert [w["first_step"] for w in r["windows"]] == [0, 3]
     assert r["overall"]["chance"] == pytest.approx(19 / 96)  # floor(96 p) of 3 x 32 candidates, p = 0.2
     assert 0 <= r["overall"]["overlap_mean"] <= 1 and 0 < r["overall"]["unscored_share"] <= 1
-    assert scmd_ref.SCMDTrainer.update is update  # the probe is gone afterwards: later runs train unprobed
+    assert StaleStep.update is update  # the probe is gone afterwards: later runs train unprobed

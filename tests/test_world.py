@@ -148,7 +148,7 @@ def test_teacher_loads_through_open_clip_pretrained_file():
 
     tok = open_clip.get_tokenizer(world.TEACHER_MODEL_NAME)
     assert isinstance(tok, open_clip.tokenizer.SimpleTokenizer) and tok.context_length == 77
-    text = tok([world.ZERO_SHOT_TEMPLATE.format(c.replace("_", " ")) for c in world.CLASSES])
+    text = tok([world.CHECKED_PROMPT.format(c.replace("_", " ")) for c in world.CLASSES])
     img = torch.stack([preprocess(world.render(world.dataset_scene(e, 0, 0))[0]) for e in world.ENVIRONMENTS])
     with torch.no_grad():
         fi, ft = model.encode_image(img, normalize=True), model.encode_text(text, normalize=True)
@@ -266,3 +266,9 @@ def test_checkpoints_are_small_and_compact():
     with safe_open(str(world.STUDENT_WEIGHTS), framework="pt") as f:
         assert f.get_tensor("conv1.weight").dtype == torch.float16
         assert f.get_tensor("bn1.weight").dtype == torch.float32
+
+
+def test_the_premises_check_the_teacher_with_scmds_own_prompt():
+    import scmd_ref
+
+    assert world.CHECKED_PROMPT == scmd_ref.SCMD_PROMPT != scmd_ref.TABLE1_TEACHER_PROMPT

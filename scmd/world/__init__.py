@@ -105,6 +105,7 @@ from scmd.world.render import (  # noqa: F401 - the package's interface
 )
 from scmd.world.spec import (  # noqa: F401 - the package's interface
     ASSETS_DIR,
+    CHECKED_PROMPT,
     CLASSES,
     COLOUR_NAMES,
     DATASET_DIRNAME,
@@ -125,5 +126,4 @@ from scmd.world.spec import (  # noqa: F401 - the package's interface
     TEACHER_MODEL_NAME,
     TEACHER_WEIGHTS,
     WORLD_VERSION,
-    ZERO_SHOT_TEMPLATE,
 )

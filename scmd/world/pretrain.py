@@ -443,7 +443,7 @@ def zero_shot(model, tokenizer, data_dir, envs: Sequence[str] = tuple(world.ENVI
     from scmd import augment
 
     root = world.ensure_dataset(data_dir, n_per_class=n_per_class)
-    prompts = [world.ZERO_SHOT_TEMPLATE.format(c.replace("_", " ")) for c in world.CLASSES]
+    prompts = [world.CHECKED_PROMPT.format(c.replace("_", " ")) for c in world.CLASSES]
     txt = F.normalize(model.encode_text(tokenizer(prompts)), dim=-1)
     scale = model.logit_scale.exp()
     size = world.IMAGE_SIZE
@@ -479,7 +479,7 @@ def format_zero_shot(res: Dict[str, Dict[str, float]]) -> List[str]:
 def check(data_dir="data", weights=None, log=print) -> Dict[str, Dict[str, float]]:
     model, tokenizer = world.load_teacher(weights)
     log(f"[check] teacher {weights or world.TEACHER_WEIGHTS}: logit scale {model.logit_scale.exp().item():.2f}; "
-        f"zero-shot with prompt {world.ZERO_SHOT_TEMPLATE.format('{class}')!r} on {data_dir}/{world.DATASET_DIRNAME}")
+        f"zero-shot with prompt {world.CHECKED_PROMPT.format('{class}')!r} on {data_dir}/{world.DATASET_DIRNAME}")
     res = zero_shot(model, tokenizer, data_dir)
     for line in format_zero_shot(res):
         log("[check] " + line)

@@ -33,7 +33,9 @@ STUDENT_WEIGHTS = ASSETS_DIR / "embedded_student.safetensors"
 STUDENT_WIDTHS = (16, 32, 64, 128)  # a quarter of ResNet-18's 64-128-256-512
 STUDENT_ARCH = "narrow-resnet18-" + "-".join(map(str, STUDENT_WIDTHS))
 STUDENT_NAME = "embedded_student"  # --student name of build_student's network
-ZERO_SHOT_TEMPLATE = "this is a photo of a {}"  # SCMD's prompt (scmd_ref.SCMD_PROMPT), which the premise checks
+# the prompt the world's teacher premises are checked with: SCMD's own (scmd_ref.SCMD_PROMPT; tests/test_world.py
+# holds them equal), not the Table 1 teacher row's (scmd_ref.TABLE1_TEACHER_PROMPT)
+CHECKED_PROMPT = "this is a photo of a {}"
 
 # Extra object classes: never in the dataset as labels. The teacher learns them too (web-scale CLIP
 # knows far more concepts than any DG dataset); the student is pretrained on them only (stand-in for
