@@ -1,5 +1,5 @@
 """DomainBed's training augmentation on a batch of in-memory image tensors, with an independent random draw
-per sample (spec 8.2).
+per sample (docs/algorithm.md §7.3).
 
 The pipeline and its distributions are torchvision's (the ones DomainBed composes):
 

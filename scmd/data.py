@@ -1,4 +1,4 @@
-"""DomainBed data protocol (spec section 8): dataset layout, env/class order, in/out splits,
+"""DomainBed data protocol (docs/algorithm.md §7): dataset layout, env/class order, in/out splits,
 augmentations and loaders.
 
 One deliberate difference from DomainBed's loaders: the minibatch of every step is a pure function of
@@ -31,7 +31,7 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Indexing: env order, class order, ImageFolder file order (spec 8.1)
+# Indexing: env order, class order, ImageFolder file order (§7.1)
 
 
 @dataclass
@@ -100,7 +100,7 @@ def index_dataset(root: Path, fastsel=None) -> DomainIndex:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# In/out splits (spec 8.3)
+# In/out splits (§7.2)
 
 
 def in_out_split(n: int, holdout_fraction: float, trial_seed: int, env_i: int) -> tuple:
@@ -113,7 +113,7 @@ def in_out_split(n: int, holdout_fraction: float, trial_seed: int, env_i: int) -
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Transforms (spec 8.2)
+# Transforms (§7.3)
 
 
 def train_transform(size: int) -> transforms.Compose:
@@ -232,7 +232,7 @@ class _OwnRng:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Loaders (spec 8.4)
+# Loaders (§7.4)
 
 
 class StepBatches(torch.utils.data.Dataset):

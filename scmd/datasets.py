@@ -20,8 +20,8 @@ class DatasetInfo:
     folder: str  # directory under --data-dir
     domainbed_name: str  # DomainBed's dataset class name (written to results.jsonl)
     envs: Sequence[str]  # expected env folders, sorted
-    steps: int = 5001  # training steps (spec 7)
-    checkpoint_freq: int = 300  # evaluate every N steps (spec 7)
+    steps: int = 5001  # training steps (docs/algorithm.md §7.5)
+    checkpoint_freq: int = 300  # evaluate every N steps (docs/algorithm.md §7.5)
     image_size: int = 224  # input size of student and teacher
     student: str = "resnet50"  # --student default
     student_weights: str = "v2"  # --student-weights default (torchvision's DEFAULT, as the authors)

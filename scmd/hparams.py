@@ -1,4 +1,4 @@
-"""SCMD hyperparameters: defaults and DomainBed-style random search (spec section 10).
+"""SCMD hyperparameters: defaults and DomainBed-style random search (docs/algorithm.md §8).
 
 Each hparam is drawn from its own ``numpy.random.RandomState(seed_hash(seed_hash(hparams_seed,
 trial_seed), name))``; ``hparams_seed == 0`` gives the defaults. ``--hparams`` JSON overrides are

@@ -2,6 +2,8 @@
 # The whole test suite: set-up, lint, Rust tests, Python tests (pytest + Hypothesis).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+command -v cargo >/dev/null 2>&1 || { echo "scripts/test.sh: the test suite builds and tests the Rust extension" \
+  "fastsel and needs a Rust toolchain (cargo, e.g. from https://rustup.rs)" >&2; exit 1; }
 bash scripts/setup.sh
 . .venv/bin/activate
 echo "[test] ruff"; ruff check .

@@ -54,7 +54,7 @@ def test_every_dataset_runs_the_spec_protocol_and_the_world_deviates_only_in_its
 
 
 def test_random_hparams_vector():
-    # spec 8.3: SCMD, VLCS, hparams_seed 1, trial 0
+    # docs/algorithm.md §7.2: SCMD, VLCS, hparams_seed 1, trial 0
     hp = make_hparams("vlcs", 1, 0)
     assert hp["lambda1"] == pytest.approx(0.688043, abs=1e-6)
     assert hp["lambda2"] == pytest.approx(0.984035, abs=1e-6)

@@ -150,7 +150,7 @@ class RenderedBatches(IterableDataset):
         if kind == "teacher":
             aug += [transforms.ColorJitter(0.2, 0.2, 0.2)]
         self.transform = transforms.Compose(aug + [transforms.ToTensor(), transforms.Normalize(*norm)])
-        self.colour_transform = transforms.Compose([  # DomainBed's training augmentation (spec 8.2)
+        self.colour_transform = transforms.Compose([  # DomainBed's training augmentation (docs/algorithm.md §7.3)
             transforms.RandomResizedCrop(world.IMAGE_SIZE, scale=(0.7, 1.0)), transforms.RandomHorizontalFlip(),
             transforms.ColorJitter(0.3, 0.3, 0.3, 0.3), transforms.RandomGrayscale(), transforms.ToTensor(),
             transforms.Normalize(*norm)])
@@ -454,7 +454,7 @@ def zero_shot(model, tokenizer, data_dir, envs: Sequence[str] = tuple(world.ENVI
         inputs = {
             "clip": augment.resize_normalize(imgs, size, D.CLIP_MEAN, D.CLIP_STD),
             "imagenet": augment.resize_normalize(imgs, size, D.IMAGENET_MEAN, D.IMAGENET_STD),
-            "imagenet_trainaug": augment.apply(  # DomainBed's training transform (spec 8.2)
+            "imagenet_trainaug": augment.apply(  # DomainBed's training transform (docs/algorithm.md §7.3)
                 imgs, augment.draw_params(np.random.default_rng((seed, k)), len(imgs), *imgs.shape[2:]), size,
                 D.IMAGENET_MEAN, D.IMAGENET_STD),
         }
