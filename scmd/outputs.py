@@ -4,6 +4,7 @@ fsync, rename; loadable with ``torch.load(weights_only=True)``), the ``done`` ma
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import random
@@ -52,6 +53,8 @@ def prepare_output_dir(path: Path) -> None:
         probe.write_text("ok")
         probe.unlink()
     except OSError as e:
+        if e.errno in DISK_FULL:
+            raise write_error(path / ".write_probe", e, "free space or pass another --output-dir") from None
         raise UsageError(f"output folder {path} is not writable ({e.strerror}); pass --output-dir DIR") from None
 
 
@@ -74,8 +77,11 @@ def run_lock(out: Path):
     try:
         import socket
 
-        (out / LOCK_HOLDER).write_text(f"pid {os.getpid()} on {socket.gethostname()}, since "
-                                       f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        try:
+            (out / LOCK_HOLDER).write_text(f"pid {os.getpid()} on {socket.gethostname()}, since "
+                                           f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        except OSError as e:
+            raise write_error(out / LOCK_HOLDER, e) from None
         yield
     finally:
         (out / LOCK_HOLDER).unlink(missing_ok=True)
@@ -103,11 +109,26 @@ def _umask() -> int:
     return mask
 
 
+# errno of a write that failed for want of room: what the user can act on, in words
+DISK_FULL = {errno.ENOSPC: "disk full (ENOSPC: No space left on device)",
+             errno.EDQUOT: "disk quota exceeded (EDQUOT)",
+             errno.EFBIG: "file too large (EFBIG: over the file-size limit, see ulimit -f)"}
+
+
+def write_error(path, e: OSError, where: str = "free space or pass another --output-dir (the run can be "
+                                                 "resumed: rerun the same command)") -> DataError:
+    """One DataError naming the file and the cause of a failed write; `where` says what to do about it."""
+    cause = DISK_FULL.get(e.errno) or e.strerror or str(e)
+    if e.errno in DISK_FULL:
+        where = where.replace("free space", "free space or lift the limit")
+    return DataError(f"cannot write {path}: {cause}; {where}")
+
+
 @contextlib.contextmanager
 def _replaced_atomically(path: Path):
     """Yields a temporary path beside `path`; once the body has written it, it is fsynced and renamed over
     `path` (readers see the old file or the new one, never a part). On error the temporary file goes, and an
-    I/O error (disk full, read-only folder) is one DataError naming the path."""
+    I/O error (disk full, quota, file-size limit, read-only folder) is one DataError naming the path."""
     tmp = None
     try:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -119,8 +140,7 @@ def _replaced_atomically(path: Path):
         os.replace(tmp, path)
         _fsync_dir(path.parent)
     except OSError as e:
-        raise DataError(f"cannot write {path}: {e.strerror or e}; free space or pass another --output-dir "
-                        f"(the run can be resumed)") from None
+        raise write_error(path, e) from None
     finally:
         if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
@@ -133,23 +153,78 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 def atomic_torch_save(obj, path: Path) -> None:
     with _replaced_atomically(path) as tmp:
-        torch.save(obj, tmp)
+        try:
+            torch.save(obj, tmp)
+        except RuntimeError as e:
+            if not _torch_writer_failed(e):
+                raise
+            _probe_room(tmp, _serialised_size(obj))  # raises the OSError of a full disk or a file-size limit
+            raise
+
+
+def _torch_writer_failed(e: RuntimeError) -> bool:
+    """torch's zip writer reports a failed write as a RuntimeError without errno (``[enforce fail at
+    inline_container.cc:...] . unexpected pos ...``, ``PytorchStreamWriter failed writing file ...``)."""
+    text = str(e)
+    return "inline_container" in text or "PytorchStreamWriter" in text or "file write failed" in text
+
+
+class _ByteCounter:
+    """A file-like sink that only counts what torch.save writes into it."""
+
+    def __init__(self):
+        self.n = 0
+
+    def write(self, b) -> int:
+        self.n += memoryview(b).nbytes
+        return len(b)
+
+    def flush(self) -> None:
+        pass
+
+
+def _serialised_size(obj) -> int:
+    sink = _ByteCounter()
+    torch.save(obj, sink)
+    return sink.n
+
+
+def _probe_room(tmp: str, size: int) -> None:
+    """After torch's writer failed on `tmp`: write `size` plain bytes into the same file (emptied first, so that
+    its partial content frees its room) and fsync. A full disk, a quota or a file-size limit raises its OSError
+    (ENOSPC, EDQUOT, EFBIG) here; if the plain write succeeds, the failure was something else and returns."""
+    chunk = bytes(1 << 20)
+    fd = os.open(tmp, os.O_WRONLY | os.O_TRUNC)
+    try:
+        left = size
+        while left > 0:
+            left -= os.write(fd, memoryview(chunk)[:min(left, len(chunk))])
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def append_record(path: Path, record: dict) -> None:
-    """Append one JSON line in a single write, then fsync: a crash leaves at most a torn last line."""
+    """Append one JSON line, then fsync: a crash leaves at most a torn last line; a failed write (disk full,
+    file-size limit) is cut off again, so the file keeps its whole records only."""
     line = (json.dumps(record, sort_keys=True) + "\n").encode("utf-8")
     try:
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
         try:
-            if os.write(fd, line) != len(line):
-                raise OSError(28, "short write (disk full?)")
-            os.fsync(fd)
+            size = os.fstat(fd).st_size
+            try:
+                view = memoryview(line)
+                while view:  # a short write (the limit reached in the middle): the rest gets the real errno
+                    view = view[os.write(fd, view):]
+                os.fsync(fd)
+            except OSError:
+                with contextlib.suppress(OSError):
+                    os.ftruncate(fd, size)
+                raise
         finally:
             os.close(fd)
     except OSError as e:
-        raise DataError(f"cannot write {path}: {e.strerror or e}; free space or pass another --output-dir "
-                        f"(the run can be resumed)") from None
+        raise write_error(path, e) from None
 
 
 def read_records(path: Path) -> List[dict]:
