@@ -21,7 +21,7 @@ from PIL import Image, ImageFile, UnidentifiedImageError
 from torchvision import transforms
 
 from scmd import augment
-from scmd.errors import DataError
+from scmd.errors import DataError, write_cause
 from scmd.hparams import seed_hash
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -160,11 +160,15 @@ def load_rgb(path: str, truncated: str = "refuse", log: Optional[str] = None) ->
         ImageFile.LOAD_TRUNCATED_IMAGES = False
     if log is not None and path not in _TRUNCATED_SEEN:
         _TRUNCATED_SEEN.add(path)
-        fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)  # one line per write: workers share it
         try:
-            os.write(fd, (path + "\n").encode())
-        finally:
-            os.close(fd)
+            fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)  # one line per write: workers share it
+            try:
+                os.write(fd, (path + "\n").encode())
+            finally:
+                os.close(fd)
+        except OSError as e:
+            raise DataError(f"cannot write {log}: {write_cause(e)}; free space or pass another --output-dir (the "
+                            f"run can be resumed: rerun the same command)") from None
     return img
 
 

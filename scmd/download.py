@@ -69,7 +69,7 @@ import requests
 from tqdm import tqdm
 
 from scmd.datasets import DATASETS
-from scmd.errors import DataError, ScmdError, UsageError
+from scmd.errors import DataError, ScmdError, UsageError, write_cause
 
 MARKER = ".scmd_download_complete.json"
 DOWNLOADS = "_downloads"
@@ -224,7 +224,7 @@ def _fetch(remote: Remote, dl_dir: Path, timeout: float, dest_hint: Path, progre
             failures.append((source, _cause(e)))
             continue
         except OSError as e:
-            raise DataError(_one_line(f"cannot write {target}: {e.strerror or e}; free disk space or choose "
+            raise DataError(_one_line(f"cannot write {target}: {write_cause(e)}; free disk space or choose "
                                       "another --data-dir")) from None
         if not target.is_file():  # gdown 5 returns without a file when several .part files are there
             failures.append((source, f"no file arrived (several {remote.filename}*.part in {dl_dir}? keep one)"))
@@ -595,7 +595,7 @@ def download_dataset(name: str, data_dir: Union[str, Path], timeout: float = 20.
             try:
                 built = spec.build(files, work, progress)
             except OSError as e:
-                raise DataError(_one_line(f"cannot unpack {spec.folder} into {work}: {e.strerror or e}; free "
+                raise DataError(_one_line(f"cannot unpack {spec.folder} into {work}: {write_cause(e)}; free "
                                           "disk space or choose another --data-dir")) from None
             missing = _missing_envs(built, spec.envs)
             if missing:
@@ -608,7 +608,7 @@ def download_dataset(name: str, data_dir: Union[str, Path], timeout: float = 20.
                 _write_marker(built, key, spec, {f.name: m for f, m in fetched})
                 os.replace(built, final)
             except OSError as e:
-                raise DataError(_one_line(f"cannot move the unpacked {spec.folder} to {final}: {e}")) from None
+                raise DataError(_one_line(f"cannot finish {final} (marker file, rename): {write_cause(e)}")) from None
         finally:
             shutil.rmtree(work, ignore_errors=True)
         if not keep_archives:

@@ -4,6 +4,8 @@ UsageError and DataError are bad input (exit status 2); RunFault is a fault duri
 loss that became NaN (exit status 1).
 """
 
+import errno
+
 
 class ScmdError(Exception):
     exit_code = 2
@@ -40,3 +42,14 @@ def first_line(exc: BaseException) -> str:
     """The first non-empty line of an error's message, or its type name when the message is empty."""
     lines = [ln for ln in one_line(exc).splitlines() if ln.strip()]
     return lines[0] if lines else type(exc).__name__
+
+
+# errno of a write that failed for want of room, in words the user can act on
+DISK_FULL = {errno.ENOSPC: "disk full (ENOSPC: No space left on device)",
+             errno.EDQUOT: "disk quota exceeded (EDQUOT)",
+             errno.EFBIG: "file too large (EFBIG: over the file-size limit, see ulimit -f)"}
+
+
+def write_cause(e: OSError) -> str:
+    """Why a write failed: disk full, quota exceeded, file too large, or the system's words."""
+    return DISK_FULL.get(e.errno) or e.strerror or str(e)

@@ -4,7 +4,6 @@ fsync, rename; loadable with ``torch.load(weights_only=True)``), the ``done`` ma
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import os
 import random
@@ -16,7 +15,7 @@ from typing import Dict, List, Optional
 import numpy as np
 import torch
 
-from scmd.errors import DataError, UsageError, first_line
+from scmd.errors import DISK_FULL, DataError, UsageError, first_line, write_cause
 
 RESULTS = "results.jsonl"
 DONE = "done"
@@ -109,16 +108,10 @@ def _umask() -> int:
     return mask
 
 
-# errno of a write that failed for want of room: what the user can act on, in words
-DISK_FULL = {errno.ENOSPC: "disk full (ENOSPC: No space left on device)",
-             errno.EDQUOT: "disk quota exceeded (EDQUOT)",
-             errno.EFBIG: "file too large (EFBIG: over the file-size limit, see ulimit -f)"}
-
-
 def write_error(path, e: OSError, where: str = "free space or pass another --output-dir (the run can be "
                                                  "resumed: rerun the same command)") -> DataError:
     """One DataError naming the file and the cause of a failed write; `where` says what to do about it."""
-    cause = DISK_FULL.get(e.errno) or e.strerror or str(e)
+    cause = write_cause(e)
     if e.errno in DISK_FULL:
         where = where.replace("free space", "free space or lift the limit")
     return DataError(f"cannot write {path}: {cause}; {where}")

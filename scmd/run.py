@@ -20,7 +20,7 @@ from scmd import data as D
 from scmd import outputs as O
 from scmd.datasets import DATASETS
 from scmd.dist import DIST
-from scmd.errors import DataError, RunFault, ScmdError, UsageError, one_line
+from scmd.errors import DataError, RunFault, ScmdError, UsageError, one_line, write_cause
 from scmd.hparams import seed_hash
 from scmd.plots import plot_curves, plot_kept_share
 from scmd.settings import DOMAINBED_ALGORITHM_NAME
@@ -83,8 +83,8 @@ def dataset_root(dataset: str, data_dir: str, download: bool = False, world_per_
         try:
             return info.generate(data_dir, progress=progress, n_per_class=world_per_class)
         except OSError as e:
-            raise DataError(f"cannot write the {dataset} dataset into {e.filename or data_dir}: {e.strerror}; "
-                            f"pass a writable --data-dir") from None
+            raise DataError(f"cannot write the {dataset} dataset into {e.filename or data_dir}: {write_cause(e)}; "
+                            f"free space or pass a writable --data-dir") from None
     root = data_dir / info.folder
     if download:
         from scmd.download import download_dataset

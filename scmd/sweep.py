@@ -35,7 +35,7 @@ import numpy as np
 
 from scmd import outputs as O
 from scmd.datasets import DATASETS, canonical_dataset
-from scmd.errors import ScmdError, UsageError
+from scmd.errors import DataError, ScmdError, UsageError, write_cause
 from scmd.hparams import seed_hash
 from scmd.settings import DOMAINBED_ALGORITHM_NAME
 
@@ -179,9 +179,14 @@ def run_process(run: Run, env: Dict[str, str]) -> int:
     out = Path(run.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / EXIT_FILE).unlink(missing_ok=True)
-    with open(out / LOG_FILE, "ab") as log:
-        log.write(f"\n$ {shlex.join(command(run))}\n".encode())
-        log.flush()
+    with open(out / LOG_FILE, "ab", buffering=0) as log:  # unbuffered: a failed write fails here, not at close
+        try:
+            header = memoryview(f"\n$ {shlex.join(command(run))}\n".encode())
+            while header:
+                header = header[log.write(header):]
+        except OSError as e:
+            raise DataError(f"cannot write {out / LOG_FILE}: {write_cause(e)}; free space, then launch again") \
+                from None
         # its own session: a signal to the launcher reaches each run once, forwarded by stop_children
         proc = subprocess.Popen(command(run), stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(ROOT),
                                 start_new_session=True)
@@ -190,7 +195,7 @@ def run_process(run: Run, env: Dict[str, str]) -> int:
             code = proc.wait()
         finally:
             _CHILDREN.discard(proc)
-    (out / EXIT_FILE).write_text(f"{code}\n")
+    O.atomic_write_bytes(out / EXIT_FILE, f"{code}\n".encode())
     return code
 
 
