@@ -26,6 +26,11 @@ flag offers the corrected variant (§9): --teacher-renorm (CLIP normalisation fo
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # Ctrl-C/SIGTERM before the first step (torch loading, data, models): one line, 130/143
+    from scmd.startup import stop_during_start_up
+
+    stop_during_start_up()
+
 import copy
 import math
 import sys

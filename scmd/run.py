@@ -18,6 +18,7 @@ import torch
 
 from scmd import data as D
 from scmd import outputs as O
+from scmd import startup
 from scmd.datasets import DATASETS
 from scmd.dist import DIST
 from scmd.errors import DataError, RunFault, ScmdError, UsageError, one_line, write_cause
@@ -246,6 +247,7 @@ class Run:
 
     # --- every step -----------------------------------------------------------------------------------------
     def stop_requested(self) -> bool:
+        self.stop.starting = False  # the loop runs: a signal now stops after a step, with a checkpoint
         return DIST.any(self.stop.requested)  # (torchrun: a signal to one rank stops every rank after this step)
 
     def next_batch(self, batches):
@@ -432,19 +434,22 @@ class Stats:
 
 
 class StopSignals:
-    """SIGINT, SIGTERM (what Slurm sends before it preempts or kills a job) and SIGUSR1 ask the run to stop:
+    """During start-up (until the loop's first step) a signal ends the run at once, as scmd/startup.py says. Then
+    SIGINT, SIGTERM (what Slurm sends before it preempts or kills a job) and SIGUSR1 ask the run to stop:
     it finishes the current step, writes a checkpoint and exits with 128 + the signal number. A second Ctrl-C
     (SIGINT) stops at once; repeated SIGTERMs (Slurm and a launcher may both send one) change nothing."""
 
-    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+    SIGNALS = startup.SIGNALS
 
     def __enter__(self):
-        self.signum, self.old = None, {}
+        self.signum, self.old, self.starting = None, {}, True
         for sig in self.SIGNALS:
             self.old[sig] = signal.signal(sig, self._handle)
         return self
 
     def _handle(self, signum, frame):
+        if self.starting:  # before the loop's first step: one line and exit at once (scmd/startup.py)
+            startup.stop(signum, frame)
         if self.signum is not None:
             if signum == signal.SIGINT:
                 raise KeyboardInterrupt
