@@ -7,7 +7,7 @@
 #
 # What it runs (each part under its own time limit; a failed part is reported and the others still run):
 #   GPU present:  step_breakdown --scale full --device cuda   (ResNet-50 + ViT-B-32-quickgelu, 224 px, 3x32;
-#                                                              with the channels_last / bf16 / pinned variants)
+#                                                              with the channels_last/bf16/async_select/stale variants)
 #                 bench/bench_fastsel.py (selection micro-benchmark; --selection-only if it has that flag,
 #                                         else with a small indexing tree), if the file and fastsel are there
 #                 step_breakdown --scale tiny --device cuda   (embedded world's models)

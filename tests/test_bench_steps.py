@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+import scmd_ref as S
 from bench import data_loading as dl
 from bench import step_breakdown as sb
 from scmd import run as R
@@ -30,10 +31,12 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def models():
-    if sb.world_module() is None:
-        pytest.skip("scmd.world does not provide the tiny-scale models yet")
-    return sb.build_models("tiny", CPU, seed=0, calib_batch=4)
+def index():
+    return sb.bench_index("tiny", n_samples=N_SAMPLES)
+
+
+def _batches(index, case):
+    return sb.synthetic_batches(index, case.settings.image_size, BATCH, 3, seed=0)
 
 
 def _same_trainer_state(a, b, exact=True):
@@ -62,22 +65,24 @@ def _same_tracker(ta, tb):
 
 
 def _selectors():
-    return ["torch", "fastsel"] if sb.pick_selector("auto") == "fastsel" else ["torch"]
+    return ["torch", "fastsel"] if S.fastsel is not None else ["torch"]
 
 
 @pytest.mark.parametrize("algorithm,selector", [("erm", "torch"), ("kd", "torch"), ("scmd-no-select", "torch")]
                          + [(a, s) for a in ("scmd", "scmd+stale") for s in _selectors()])
-def test_timed_step_is_trainer_update(models, algorithm, selector):
+def test_timed_step_is_trainer_update(index, algorithm, selector):
     """Same models, seed and batches: the plain SCMDTrainer.update and the benchmark's timed one give bit-identical
     losses, weights, SMA, optimizer state and tracker records, and every phase of the step is timed."""
-    a = sb.make_case(models, algorithm, BATCH, selector=selector, tracker="auto", n_samples=N_SAMPLES, timed=False)
-    b = sb.make_case(models, algorithm, BATCH, selector=selector, tracker="auto", n_samples=N_SAMPLES)
+    if algorithm == "scmd+stale" and S.fastsel is None:
+        pytest.skip("--selection-losses stale ranks by fastsel's tracker, and fastsel is not installed")
+    a = sb.make_case("tiny", index, algorithm, BATCH, CPU, selector=selector, timed=False)
+    b = sb.make_case("tiny", index, algorithm, BATCH, CPU, selector=selector)
     tm = sb.PhaseTimer(CPU, "events")
-    for i, hb in enumerate(sb.synthetic_batches(models, BATCH, 3, seed=0, n_samples=N_SAMPLES)):
+    for i, batch in enumerate(_batches(index, a)):
         step = sb.STEP0 + i
-        ra = a.trainer.update(hb.x, hb.y, hb.domains, hb.ids, step)
+        ra = a.trainer.update(*batch, step)
         tm.begin()
-        rb = sb.run_step(b, hb, step, tm, CPU)
+        rb = sb.run_step(b, batch, step, tm, CPU)
         phases = tm.end()
         for k in ra:
             assert torch.equal(ra[k], rb[k]), f"step {i}: {k} {ra[k]} != {rb[k]}"
@@ -94,16 +99,16 @@ def test_timed_step_is_trainer_update(models, algorithm, selector):
     _same_tracker(a.trainer.selector.tracker, b.trainer.selector.tracker)
 
 
-def test_authors_pattern_computes_the_same_step(models):
+def test_authors_pattern_computes_the_same_step(index):
     """The authors' compute pattern (text tower per step, unstable sort, rebuilt SMA) gives our values: only the
     cost differs (CPU, fp32)."""
-    ours = sb.make_case(models, "scmd", BATCH, selector="torch", tracker="none", n_samples=N_SAMPLES, timed=False)
-    auth = sb.make_case(models, "authors", BATCH, n_samples=N_SAMPLES)
+    ours = sb.make_case("tiny", index, "scmd", BATCH, CPU, selector="torch", timed=False)
+    auth = sb.make_case("tiny", index, "authors", BATCH, CPU)
     tm = sb.PhaseTimer(CPU, "events")
-    for i, hb in enumerate(sb.synthetic_batches(models, BATCH, 3, seed=0, n_samples=N_SAMPLES)):
-        ra = ours.trainer.update(hb.x, hb.y, hb.domains, hb.ids, sb.STEP0 + i)
+    for i, batch in enumerate(_batches(index, ours)):
+        ra = ours.trainer.update(*batch, sb.STEP0 + i)
         tm.begin()
-        rb = sb.run_step(auth, hb, sb.STEP0 + i, tm, CPU)
+        rb = sb.run_step(auth, batch, sb.STEP0 + i, tm, CPU)
         phases = tm.end()
         for k in ra:
             assert torch.allclose(ra[k], rb[k], rtol=1e-5, atol=1e-6), f"step {i}: {k}"
@@ -112,7 +117,7 @@ def test_authors_pattern_computes_the_same_step(models):
 
 
 @pytest.fixture(scope="module")
-def breakdown(tmp_path_factory, models):
+def breakdown(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "sb.json"
     sb.main(["--scale", "tiny", "--batch", "2", "--steps", "2", "--warmup", "1", "--threads", "1", "--out", str(out),
              "--quiet"])
