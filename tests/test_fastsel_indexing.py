@@ -1,4 +1,4 @@
-"""fastsel.index_domainbed == torchvision ImageFolder per env."""
+"""fastsel.index_domainbed == scmd.data.index_imagefolder (torchvision ImageFolder per env)."""
 
 import os
 import shlex
@@ -13,11 +13,7 @@ from hypothesis import strategies as st
 from torchvision.datasets import ImageFolder
 
 import fastsel
-
-# ---------------------------------------------------------------------------------------------
-# shuffle and split
-# ---------------------------------------------------------------------------------------------
-
+from scmd.data import index_imagefolder
 
 # ---------------------------------------------------------------------------------------------
 # trees vs ImageFolder
@@ -109,35 +105,22 @@ def build(tmp, tree, extras):
     return root
 
 
-def expected(root):
-    """What fastsel must return (or raise), computed with os.scandir and ImageFolder."""
-    envs = sorted(e.name for e in os.scandir(root) if e.is_dir())
-    if not envs:
-        return FileNotFoundError
-    classes = None
-    for env in envs:
-        c = sorted(e.name for e in os.scandir(os.path.join(root, env)) if e.is_dir())
-        if not c:
-            return FileNotFoundError
-        if classes is None:
-            classes = c
-        elif c != classes:
-            return ValueError
-    paths, labels = [], []
-    for env in envs:
-        ds = ImageFolder(os.path.join(root, env), allow_empty=True)
-        assert ds.classes == classes
-        if {t for _, t in ds.samples} != set(range(len(classes))):
-            with pytest.raises(FileNotFoundError):
-                ImageFolder(os.path.join(root, env))
-            return FileNotFoundError
-        paths.append([p for p, _ in ds.samples])
-        labels.append([t for _, t in ds.samples])
-    return {"envs": envs, "classes": classes, "paths": paths, "labels": labels}
+def reference(root):
+    """What fastsel must return, or the class of what it must raise: the product's reference indexer."""
+    try:
+        want = index_imagefolder(root)
+    except (FileNotFoundError, ValueError) as e:
+        return type(e)
+    # the reference is torchvision's ImageFolder per env
+    for env, paths, labels in zip(want["envs"], want["paths"], want["labels"]):
+        samples = ImageFolder(os.path.join(root, env)).samples
+        assert paths == [p for p, _ in samples]
+        assert labels.tolist() == [t for _, t in samples]
+    return want
 
 
 def check(root):
-    want = expected(root)
+    want = reference(root)
     if isinstance(want, type):
         with pytest.raises(want):
             fastsel.index_domainbed(root)
@@ -146,7 +129,7 @@ def check(root):
     assert got["envs"] == want["envs"]
     assert got["classes"] == want["classes"]
     assert got["paths"] == want["paths"]
-    assert [lab.tolist() for lab in got["labels"]] == want["labels"]
+    assert [lab.tolist() for lab in got["labels"]] == [lab.tolist() for lab in want["labels"]]
     assert all(lab.dtype == np.int64 for lab in got["labels"])
 
 
@@ -222,8 +205,18 @@ def test_empty_env_and_missing_classes(tmp_path):
     with pytest.raises(FileNotFoundError, match="contains no image files"):
         fastsel.index_domainbed(tmp_path)
     materialize(str(tmp_path / "e2"), {"b": {"y.jpg": None}})
+    # the first failing env decides, checked as ImageFolder on it: e2's class a has no images
+    with pytest.raises(FileNotFoundError, match="no valid file for the classes a"):
+        fastsel.index_domainbed(tmp_path)
+    check(str(tmp_path))
+    materialize(str(tmp_path / "e2"), {"a": {"z.jpg": None}})
     with pytest.raises(ValueError, match=r"missing \[\], extra \[b\]"):
         fastsel.index_domainbed(tmp_path)
+    check(str(tmp_path))
+    materialize(str(tmp_path / "e1"), {"c": {"notes.txt": None}})  # now e1 fails first
+    with pytest.raises(FileNotFoundError, match="no valid file for the classes c"):
+        fastsel.index_domainbed(tmp_path)
+    check(str(tmp_path))
     os.makedirs(tmp_path / "e0")
     with pytest.raises(FileNotFoundError, match="no class folders"):
         fastsel.index_domainbed(tmp_path)

@@ -6,6 +6,9 @@
 //!   sorted by their *full path string*, files sorted within a folder, kept when the lower-cased
 //!   name ends with one of `IMG_EXTENSIONS`.
 //!
+//! Errors: the first env (sorted) that fails decides, checked in ImageFolder's order on it (no
+//! class folder, a class without images), then class folders that differ from the first env's.
+//!
 //! Names are raw bytes (Unix). Sorting follows Python's order on the `surrogateescape`-decoded
 //! names: byte order for valid UTF-8, code points otherwise.
 //!
@@ -18,7 +21,7 @@ use std::cmp::Ordering;
 use std::ffi::OsStr;
 use std::fs;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{DirEntryExt, MetadataExt};
 use std::path::Path;
 
 use rayon::prelude::*;
@@ -204,7 +207,7 @@ struct RawEntry {
     ino: u64,
 }
 
-/// The entries of one folder (without "." and ".."), names stored back to back.
+/// The entries of one folder (`read_dir` yields no "." or ".."), names stored back to back.
 #[derive(Debug, Default)]
 struct Listing {
     names: Vec<u8>,
@@ -217,9 +220,6 @@ impl Listing {
     }
 
     fn push(&mut self, name: &[u8], kind: Kind, ino: u64) {
-        if name == b"." || name == b".." {
-            return;
-        }
         let start = self.names.len();
         self.names.extend_from_slice(name);
         self.entries.push(RawEntry {
@@ -231,79 +231,9 @@ impl Listing {
     }
 }
 
-/// Lists a folder with `getdents64` (one open, the reads, one close; no per-entry allocation).
-#[cfg(target_os = "linux")]
+/// Lists a folder (`std::fs::read_dir`; the entry type comes from the listing where the file system
+/// reports it, so plain files cost no `stat`).
 fn list_dir(path: &[u8]) -> std::io::Result<Listing> {
-    use std::ffi::CString;
-    let c =
-        CString::new(path).map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
-    // SAFETY: plain FFI call with a valid NUL-terminated path.
-    let fd = unsafe {
-        libc::open(
-            c.as_ptr(),
-            libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
-        )
-    };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    struct Fd(libc::c_int);
-    impl Drop for Fd {
-        fn drop(&mut self) {
-            // SAFETY: closes the descriptor opened above exactly once.
-            unsafe { libc::close(self.0) };
-        }
-    }
-    let fd = Fd(fd);
-    thread_local! {
-        // One zeroed 64 KiB buffer per thread, reused for every folder.
-        static BUF: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(vec![0u8; 64 * 1024]);
-    }
-    BUF.with(|b| read_entries(fd.0, &mut b.borrow_mut()))
-}
-
-#[cfg(target_os = "linux")]
-fn read_entries(fd: libc::c_int, buf: &mut [u8]) -> std::io::Result<Listing> {
-    let mut listing = Listing::default();
-    loop {
-        // SAFETY: the kernel writes at most `buf.len()` bytes into `buf`.
-        let n = unsafe { libc::syscall(libc::SYS_getdents64, fd, buf.as_mut_ptr(), buf.len()) };
-        if n < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        if n == 0 {
-            break;
-        }
-        // struct linux_dirent64 { u64 d_ino; i64 d_off; u16 d_reclen; u8 d_type; char d_name[]; }
-        let data = &buf[..n as usize];
-        let mut off = 0;
-        while off + 19 <= data.len() {
-            let ino = u64::from_ne_bytes(data[off..off + 8].try_into().expect("8 bytes"));
-            let reclen = u16::from_ne_bytes([data[off + 16], data[off + 17]]) as usize;
-            let dtype = data[off + 18];
-            if reclen == 0 || off + reclen > data.len() {
-                return Err(std::io::Error::other(
-                    "malformed directory entry from getdents64",
-                ));
-            }
-            let raw = &data[off + 19..off + reclen];
-            let name = &raw[..raw.iter().position(|&b| b == 0).unwrap_or(raw.len())];
-            let kind = match dtype {
-                libc::DT_DIR => Kind::Dir,
-                libc::DT_LNK => Kind::Link,
-                libc::DT_UNKNOWN => Kind::Unknown,
-                _ => Kind::Other,
-            };
-            listing.push(name, kind, ino);
-            off += reclen;
-        }
-    }
-    Ok(listing)
-}
-
-#[cfg(not(target_os = "linux"))]
-fn list_dir(path: &[u8]) -> std::io::Result<Listing> {
-    use std::os::unix::fs::DirEntryExt;
     let mut listing = Listing::default();
     for entry in fs::read_dir(to_path(path))? {
         let entry = entry?;
@@ -470,49 +400,40 @@ pub fn index_domainbed(root: &[u8]) -> Result<DatasetIndex> {
         )));
     }
     let env_paths: Vec<Vec<u8>> = envs.iter().map(|e| join(root, e)).collect();
-    let mut classes: Vec<Vec<u8>> = Vec::new();
-    for (i, env_path) in env_paths.iter().enumerate() {
-        let c = sorted_subdirs(env_path, "environment folder")?;
-        if c.is_empty() {
+    let env_classes = env_paths
+        .iter()
+        .map(|p| sorted_subdirs(p, "environment folder"))
+        .collect::<Result<Vec<_>>>()?;
+    // Every env's own class folders, walked in parallel.
+    let jobs: Vec<(usize, usize)> = (0..envs.len())
+        .flat_map(|e| (0..env_classes[e].len()).map(move |c| (e, c)))
+        .collect();
+    let results: Vec<Result<ClassPaths>> = jobs
+        .par_iter()
+        .with_max_len(1)
+        .map(|&(e, c)| walk_class(&join(&env_paths[e], &env_classes[e][c])))
+        .collect();
+    // The first failing env decides the error, checked in the order of ImageFolder per env
+    // (`scmd.data.index_imagefolder`): no class folder, then a class without images, then class
+    // folders that differ from the first env's.
+    let mut results = results.into_iter();
+    let mut env_index = Vec::with_capacity(envs.len());
+    let exts = IMG_EXTENSIONS.join(", ");
+    let classes = env_classes[0].clone();
+    for (e, env_path) in env_paths.iter().enumerate() {
+        let own = &env_classes[e];
+        if own.is_empty() {
             return Err(Error::FileNotFound(format!(
                 "environment {} has no class folders (Couldn't find any class folder)",
                 show(env_path)
             )));
         }
-        if i == 0 {
-            classes = c;
-        } else if c != classes {
-            let missing: Vec<Vec<u8>> =
-                classes.iter().filter(|x| !c.contains(x)).cloned().collect();
-            let extra: Vec<Vec<u8>> = c.iter().filter(|x| !classes.contains(x)).cloned().collect();
-            return Err(Error::Value(format!(
-                "environment {} has different class folders from the first environment {}: \
-                 missing [{}], extra [{}]",
-                show(env_path),
-                show(&env_paths[0]),
-                list_names(&missing),
-                list_names(&extra)
-            )));
-        }
-    }
-    let jobs: Vec<(usize, usize)> = (0..envs.len())
-        .flat_map(|e| (0..classes.len()).map(move |c| (e, c)))
-        .collect();
-    let results: Vec<Result<ClassPaths>> = jobs
-        .par_iter()
-        .with_max_len(1)
-        .map(|&(e, c)| walk_class(&join(&env_paths[e], &classes[c])))
-        .collect();
-    let mut results = results.into_iter();
-    let mut env_index = Vec::with_capacity(envs.len());
-    let exts = IMG_EXTENSIONS.join(", ");
-    for (e, env_path) in env_paths.iter().enumerate() {
         let mut idx = EnvIndex {
             name: envs[e].clone(),
-            classes: Vec::with_capacity(classes.len()),
+            classes: Vec::with_capacity(own.len()),
         };
         let mut empty = Vec::new();
-        for class in &classes {
+        for class in own {
             let paths = results.next().expect("one result per job")?;
             if paths.is_empty() {
                 empty.push(class.clone());
@@ -531,6 +452,26 @@ pub fn index_domainbed(root: &[u8]) -> Result<DatasetIndex> {
                  torchvision's ImageFolder raises FileNotFoundError here too",
                 show(env_path),
                 list_names(&empty)
+            )));
+        }
+        if *own != classes {
+            let missing: Vec<Vec<u8>> = classes
+                .iter()
+                .filter(|x| !own.contains(x))
+                .cloned()
+                .collect();
+            let extra: Vec<Vec<u8>> = own
+                .iter()
+                .filter(|x| !classes.contains(x))
+                .cloned()
+                .collect();
+            return Err(Error::Value(format!(
+                "environment {} has different class folders from the first environment {}: \
+                 missing [{}], extra [{}]",
+                show(env_path),
+                show(&env_paths[0]),
+                list_names(&missing),
+                list_names(&extra)
             )));
         }
         env_index.push(idx);
@@ -611,11 +552,21 @@ mod tests {
         );
         fs::remove_file(dir.join("e1/b/sub/loop")).unwrap();
 
+        // an extra class in the second env: differing class folders, unless it has no images
+        // (then, as ImageFolder on that env, a class without images)
         fs::create_dir_all(dir.join("e2/c")).unwrap();
-        assert!(matches!(
-            index_domainbed(root).unwrap_err(),
-            Error::Value(_)
-        ));
+        let err = index_domainbed(root).unwrap_err();
+        assert!(
+            matches!(err, Error::FileNotFound(ref m) if m.contains("for the classes c")),
+            "{err:?}"
+        );
+        mk("e2/c/w.png");
+        let err = index_domainbed(root).unwrap_err();
+        assert!(
+            matches!(err, Error::Value(ref m) if m.contains("missing [], extra [c]")),
+            "{err:?}"
+        );
+        // the first failing env decides: e1 now has a class without images
         fs::create_dir_all(dir.join("e1/c")).unwrap();
         assert!(matches!(
             index_domainbed(root).unwrap_err(),
