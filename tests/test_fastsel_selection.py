@@ -50,17 +50,6 @@ def test_topk_large_with_ties(n):
     np.testing.assert_array_equal(fastsel.topk_desc(losses, n // 4), torch_ref(losses, n // 4))
 
 
-def test_out_parameter():
-    v = np.array([3, 1, 2, np.nan], np.float32)
-    out = np.full(2, -1, np.int64)
-    res = fastsel.topk_desc(v, 2, out)
-    assert res is out and out.tolist() == [3, 0]
-    big = np.random.default_rng(0).standard_normal(10_000).astype(np.float32)
-    out = np.empty(100, np.int64)
-    fastsel.topk_desc(big, 100, out=out)
-    np.testing.assert_array_equal(out, torch_ref(big, 100))
-
-
 def test_readonly_input_is_fine():
     v = np.arange(10, dtype=np.float32)
     v.setflags(write=False)

@@ -1,4 +1,4 @@
-//! One small error type for the pure-Rust modules. `lib.rs` maps each variant to the Python
+//! One small error type for the pure-Rust modules. `py/errors.rs` maps each variant to the Python
 //! exception class named in the variant, so Rust code never needs a Python token to fail.
 
 use std::fmt;
@@ -47,6 +47,17 @@ impl Error {
     }
 }
 
+/// A shape as Python prints it: `(2, 3)`, `(4,)`, `()`.
+pub fn py_shape(shape: &[usize]) -> String {
+    match shape {
+        [one] => format!("({one},)"),
+        _ => {
+            let dims: Vec<String> = shape.iter().map(|x| x.to_string()).collect();
+            format!("({})", dims.join(", "))
+        }
+    }
+}
+
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.message())
@@ -54,3 +65,15 @@ impl fmt::Display for Error {
 }
 
 impl std::error::Error for Error {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shapes_print_like_python_tuples() {
+        assert_eq!(py_shape(&[]), "()");
+        assert_eq!(py_shape(&[4]), "(4,)");
+        assert_eq!(py_shape(&[2, 3]), "(2, 3)");
+    }
+}

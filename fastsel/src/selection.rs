@@ -4,8 +4,6 @@
 //! Order: NaN first (every NaN ties with every other NaN), then +inf, finite values descending,
 //! -inf last; `-0.0` and `+0.0` tie; ties keep ascending position.
 
-use std::mem::MaybeUninit;
-
 use crate::error::{Error, Result};
 
 /// Maps a float to a `u32` whose *descending* order is torch's descending order.
@@ -47,63 +45,35 @@ pub fn kept_count(n: u64, p: f64) -> Result<u64> {
     Ok((n as f64 * p) as u64)
 }
 
-/// Positions of the `k` largest values, in torch's stable descending order.
-pub fn topk_desc(losses: &[f32], k: usize) -> Result<Vec<i64>> {
+/// Positions of the `k` largest values, in torch's stable descending order; `0 <= k <= len`.
+pub fn topk_desc(losses: &[f32], k: i64) -> Result<Vec<i64>> {
     let n = losses.len();
-    if k > n {
-        return Err(Error::Value(format!(
-            "k must be in [0, {n}] (the number of losses), got {k}"
-        )));
-    }
-    let mut out = vec![0i64; k];
-    topk_desc_into(losses, &mut out)?;
-    Ok(out)
-}
-
-/// Writes the `out.len()` top positions into `out` (no allocation for up to 256 losses).
-pub fn topk_desc_into(losses: &[f32], out: &mut [i64]) -> Result<()> {
-    let n = losses.len();
-    let k = out.len();
-    if k > n {
-        return Err(Error::Value(format!(
-            "k must be in [0, {n}] (the number of losses), got {k}"
-        )));
-    }
+    let k = usize::try_from(k)
+        .ok()
+        .filter(|&k| k <= n)
+        .ok_or_else(|| Error::Value(format!("k must be in [0, {n}] (len(losses)), got {k}")))?;
     if k == 0 {
-        return Ok(());
+        return Ok(Vec::new());
     }
-    // Ascending order of ((!key) << 32 | position) is (key descending, position ascending).
-    let composite = |(i, &x): (usize, &f32)| (u64::from(!desc_key(x)) << 32) | i as u64;
-    if n <= SMALL {
-        let mut buf = [MaybeUninit::<u64>::uninit(); SMALL];
-        for (slot, c) in buf.iter_mut().zip(losses.iter().enumerate().map(composite)) {
-            slot.write(c);
-        }
-        // SAFETY: the first n slots were initialised just above (n <= SMALL).
-        let keys = unsafe { std::slice::from_raw_parts_mut(buf.as_mut_ptr().cast::<u64>(), n) };
-        write_positions(partial_sort(keys, k), out);
-    } else if n <= u32::MAX as usize {
-        let mut keys: Vec<u64> = losses.iter().enumerate().map(composite).collect();
-        write_positions(partial_sort(&mut keys, k), out);
+    if n <= u32::MAX as usize {
+        // Ascending order of ((!key) << 32 | position) is (key descending, position ascending).
+        let mut keys: Vec<u64> = losses
+            .iter()
+            .enumerate()
+            .map(|(i, &x)| (u64::from(!desc_key(x)) << 32) | i as u64)
+            .collect();
+        let top = partial_sort(&mut keys, k);
+        Ok(top.iter().map(|&c| (c & 0xFFFF_FFFF) as i64).collect())
     } else {
         let mut keys: Vec<(u32, usize)> = losses
             .iter()
             .enumerate()
             .map(|(i, &x)| (!desc_key(x), i))
             .collect();
-        for (o, &(_, i)) in out.iter_mut().zip(partial_sort(&mut keys, k)) {
-            *o = i as i64;
-        }
-    }
-    Ok(())
-}
-
-/// Batches up to this size are ranked in a stack buffer.
-const SMALL: usize = 256;
-
-fn write_positions(top: &[u64], out: &mut [i64]) {
-    for (o, &c) in out.iter_mut().zip(top) {
-        *o = (c & 0xFFFF_FFFF) as i64;
+        Ok(partial_sort(&mut keys, k)
+            .iter()
+            .map(|&(_, i)| i as i64)
+            .collect())
     }
 }
 
@@ -186,6 +156,10 @@ mod tests {
         assert_eq!(topk_desc(&v, 3).unwrap(), vec![1, 8, 7]);
         assert_eq!(topk_desc(&v, 0).unwrap(), Vec::<i64>::new());
         assert!(topk_desc(&v, 13).is_err());
+        assert_eq!(
+            topk_desc(&v, -1).unwrap_err(),
+            Error::Value("k must be in [0, 12] (len(losses)), got -1".into())
+        );
     }
 
     #[test]
@@ -233,7 +207,8 @@ mod tests {
         for n in [0usize, 1, 2, 5, 16, 17, 96, 160, 1000] {
             let v: Vec<f32> = (0..n).map(|_| palette[(next() % 8) as usize]).collect();
             for k in [0, n / 3, n / 2, n] {
-                assert_eq!(topk_desc(&v, k).unwrap(), reference(&v, k), "n={n} k={k}");
+                let got = topk_desc(&v, k as i64).unwrap();
+                assert_eq!(got, reference(&v, k), "n={n} k={k}");
             }
         }
     }

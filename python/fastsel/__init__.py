@@ -9,7 +9,6 @@ from __future__ import annotations
 from fastsel._fastsel import (
     Tracker,
     __version__,
-    _noop,
     index_domainbed,
     topk_desc,
     topk_per_domain,
@@ -20,7 +19,6 @@ __all__ = [
     "PromptTokenizer",
     "Tracker",
     "__version__",
-    "_noop",
     "index_domainbed",
     "topk_desc",
     "topk_per_domain",
