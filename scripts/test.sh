@@ -10,3 +10,4 @@ echo "[test] ruff"; ruff check .
 echo "[test] cargo fmt / clippy"; cargo fmt --check && cargo clippy --all-targets -q -- -D warnings
 echo "[test] cargo test"; cargo test -q
 echo "[test] pytest"; python -m pytest -q "$@"
+echo "[test] stubtest"; python -m mypy.stubtest fastsel  # python/fastsel/_fastsel.pyi against the built module

@@ -8,28 +8,24 @@ GIL released.
 
 import os
 from pathlib import Path
-from typing import Dict, Optional, Sequence, Union
+from typing import Dict, Optional, Sequence, Union, final
 
 import numpy as np
 import numpy.typing as npt
+from typing_extensions import Self, disjoint_base
 
+__all__ = ["ClipBpe", "Tracker", "__version__", "index_domainbed", "topk_desc", "topk_per_domain"]
 __version__: str
 
-StrPath = Union[str, "os.PathLike[str]"]
+_StrPath = Union[str, "os.PathLike[str]"]
 
 # --- selection ------------------------------------------------------------------------------
 
-def _noop(losses: npt.NDArray[np.float32]) -> None:
-    """Takes ``losses`` like ``topk_desc`` and returns at once (benchmark floor)."""
-
-def topk_desc(
-    losses: npt.NDArray[np.float32], k: int, out: Optional[npt.NDArray[np.int64]] = None
-) -> npt.NDArray[np.int64]:
+def topk_desc(losses: npt.NDArray[np.float32], k: int) -> npt.NDArray[np.int64]:
     """``torch.sort(losses, descending=True, stable=True).indices[:k]``.
 
     NaN ranks largest (all NaNs first, in position order), then +inf, finite values, -inf;
-    -0.0 and +0.0 tie; ties keep ascending position. ``0 <= k <= len(losses)``. With ``out``
-    (int64, 1-D, C-contiguous, length k) the result is written into it and ``out`` is returned.
+    -0.0 and +0.0 tie; ties keep ascending position. ``0 <= k <= len(losses)``.
     """
 
 def topk_per_domain(
@@ -40,6 +36,7 @@ def topk_per_domain(
 
 # --- tracker --------------------------------------------------------------------------------
 
+@final
 class Tracker:
     """Bookkeeping of one run. With fresh selection losses purely observational; with stale ones
     (``record_kept``) ``last_loss`` is what the next selecting steps rank by.
@@ -47,7 +44,7 @@ class Tracker:
     ``tests/tracker_oracle.py`` is the numpy oracle (same arrays bit for bit, same JSON).
     """
 
-    def __init__(self, n_samples: int, n_domains: int, window: int = 100, ema: float = 0.9) -> None: ...
+    def __new__(cls, n_samples: int, n_domains: int, window: int = 100, ema: float = 0.9) -> Self: ...
     @property
     def n_samples(self) -> int: ...
     @property
@@ -109,7 +106,7 @@ class Tracker:
 
 # --- dataset indexing -----------------------------------------------------------------------
 
-def index_domainbed(root: StrPath) -> Dict[str, list]:
+def index_domainbed(root: _StrPath) -> Dict[str, list]:
     """Index a DomainBed root (``~`` expanded).
 
     Returns ``{"envs": [env, ...], "classes": [class, ...], "paths": [[path, ...] per env],
@@ -120,11 +117,15 @@ def index_domainbed(root: StrPath) -> Dict[str, list]:
     Raises FileNotFoundError (missing root, no env folders, an env without class folders, an
     env or class folder without images, like ImageFolder), NotADirectoryError (root is a file),
     ValueError (class folders differ between envs), PermissionError (unreadable folder) and
-    OSError (symlink loop, other I/O errors); messages name the path.
+    OSError (symlink loop, other I/O errors); messages name the path. The first env (in sorted
+    order) that fails decides, checked as ImageFolder on it would: no class folder, a class
+    without images, then class folders that differ from the first env's
+    (``scmd.data.index_imagefolder`` is the reference).
     """
 
 # --- prompts --------------------------------------------------------------------------------
 
+@disjoint_base
 class ClipBpe:
     """CLIP's BPE exactly as open_clip's ``SimpleTokenizer`` (ViT-B-32 settings) applies it to text that is
     already cleaned; ``fastsel.PromptTokenizer`` subclasses it and does open_clip's cleaning first.
@@ -133,7 +134,7 @@ class ClipBpe:
     step and a ``BPE`` model (end-of-word suffix ``</w>``) over open_clip's vocabulary. Any text is accepted.
     """
 
-    def __init__(self, bpe_path: Optional[StrPath] = None) -> None:
+    def __new__(cls, bpe_path: Optional[_StrPath] = None) -> Self:
         """``bpe_path`` defaults to open_clip's installed ``bpe_simple_vocab_16e6.txt.gz``. A missing file
         raises FileNotFoundError (PermissionError / OSError for other I/O failures), a file that is not a
         gzip of UTF-8 text ValueError; the message names the path."""
